@@ -1,0 +1,43 @@
+"""kappatune: fine-tune the lowest-condition-number tensors of a pretrained model (KappaTune).
+
+Public API (imported lazily so that ``kappatune --version`` stays fast)::
+
+    report = kappatune.scan(model_or_path)
+    selection = kappatune.select(report, budget_params=20_000_000)
+    summary = kappatune.apply(model, selection)
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "scan": ("scan", "scan"),
+    "select": ("select", "select"),
+    "apply": ("apply", "apply"),
+    "snapshot": ("apply", "snapshot"),
+    "changed": ("apply", "changed"),
+    "TrainableSummary": ("apply", "TrainableSummary"),
+    "KappaReport": ("report", "KappaReport"),
+    "Selection": ("report", "Selection"),
+    "UnitResult": ("report", "UnitResult"),
+    "spectrum": ("spectral", "spectrum"),
+    "Spectrum": ("spectral", "Spectrum"),
+    "KappaTuneError": ("errors", "KappaTuneError"),
+    "parse_size": ("select", "parse_size"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f"{__name__}.{mod}"), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kappatune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

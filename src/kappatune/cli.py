@@ -1,0 +1,209 @@
+"""The ``kappatune`` command: each subcommand parses, calls one library function, writes its output.
+
+Progress and logs go to stderr; results to stdout or a file. A problem with the input prints one line
+``kappatune: error: ...`` on stderr and exits with status 2, leaving no output file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+
+from . import __version__
+
+
+def _fmt(x: float) -> str:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.4g}"
+
+
+def _add_scan(sub):
+    p = sub.add_parser("scan", help="compute kappa and entropy figures for every eligible tensor")
+    p.add_argument("path", help="HF model folder (sharded safetensors too), a .safetensors file or a .gguf file")
+    p.add_argument("--output", "-o", help="write the report JSON here (default: stdout)")
+    p.add_argument("--csv", help="also write the per-unit table as CSV")
+    p.add_argument("--embeddings", action="store_true", help="also scan embeddings and LM heads")
+    p.add_argument("--include-routers", action="store_true", help="also scan MoE routers")
+    p.add_argument("--no-cache", action="store_true", help="recompute every spectrum, do not read/write the cache")
+    p.add_argument("--cache-dir", help="cache folder (default ~/.cache/kappatune/spectra or $KAPPATUNE_CACHE_DIR)")
+    p.add_argument("--exact", action="store_true", help="float64 svdvals for every unit (slower, no Gram route)")
+    p.add_argument("--input-var", type=float, default=1.0, help="input variance for the entropy figures (eq. 6)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_scan)
+
+
+def cmd_scan(a) -> int:
+    from .report import dumps_json
+    from .scan import scan
+
+    rep = scan(a.path, embeddings=a.embeddings, include_routers=a.include_routers, cache=not a.no_cache,
+               cache_dir=a.cache_dir, progress=not a.no_progress, input_var=a.input_var, exact=a.exact)
+    if a.output:
+        rep.save(a.output)
+    else:
+        sys.stdout.write(dumps_json(rep.to_dict()))
+    if a.csv:
+        rep.save_csv(a.csv)
+    bad = sum(u.status != "ok" for u in rep.units)
+    logging.getLogger("kappatune").info(
+        "scanned %d units (%d skipped tensors, %d not ok, %d from cache) in %.1f s", len(rep.units),
+        len(rep.skipped), bad, rep.cache_hits, rep.elapsed_s)
+    return 0
+
+
+def _add_show(sub):
+    p = sub.add_parser("show", help="readable summary of a report")
+    p.add_argument("report")
+    p.add_argument("--top", type=int, default=10, help="how many lowest/highest units to list")
+    p.set_defaults(func=cmd_show)
+
+
+def render_report(rep, top: int = 10) -> str:
+    lines = []
+    ok = [u for u in rep.units if u.status == "ok"]
+    src = rep.source.get("path") or rep.source.get("class") or rep.source.get("kind")
+    lines.append(f"source: {src} (model_type {rep.source.get('model_type')})")
+    lines.append(f"units: {len(rep.units)} ({sum(u.numel for u in rep.units):,} parameters), "
+                 f"ok {len(ok)}, skipped tensors {len(rep.skipped)}, scan {rep.elapsed_s:.1f} s")
+    if ok:
+        ks = sorted(u.kappa for u in ok)
+        lines.append(f"kappa: min {_fmt(ks[0])}  median {_fmt(ks[len(ks) // 2])}  max {_fmt(ks[-1])}")
+    ordered = sorted(ok, key=lambda u: (u.kappa, u.name))
+    for title, seq in ((f"lowest kappa ({min(top, len(ordered))})", ordered[:top]),
+                       (f"highest kappa ({min(top, len(ordered))})", ordered[::-1][:top])):
+        lines.append("")
+        lines.append(title)
+        for u in seq:
+            lines.append(f"  {_fmt(u.kappa):>10}  {u.name}  {u.shape[0]}x{u.shape[1]}")
+    lines.append("")
+    lines.append("per kind (median kappa, ascending)")
+    for k, v in rep.kind_medians().items():
+        lines.append(f"  {k:<24} n={v['count']:<5} median {_fmt(v['median_kappa']):>10}  "
+                     f"range {_fmt(v['min_kappa'])} .. {_fmt(v['max_kappa'])}")
+    bad = [u for u in rep.units if u.status != "ok"]
+    if bad:
+        lines.append("")
+        lines.append(f"not ok ({len(bad)})")
+        for u in bad[:top]:
+            lines.append(f"  {u.status:<10} {u.name} {u.message}")
+    if rep.skipped:
+        lines.append("")
+        lines.append("skipped tensors by reason")
+        reasons: dict[str, list[str]] = {}
+        for s in rep.skipped:
+            reasons.setdefault(s["reason"], []).append(s["name"])
+        for r, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"  {len(names):>5}  {r}  (e.g. {names[0]})")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_show(a) -> int:
+    from .report import KappaReport
+
+    sys.stdout.write(render_report(KappaReport.load(a.report), a.top))
+    return 0
+
+
+def _add_select(sub):
+    p = sub.add_parser("select", help="choose units from a report")
+    p.add_argument("report")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--count", help="the K lowest (or highest/random) units")
+    g.add_argument("--budget-params", help="units in order while the total stays within N parameters (20M, 1.5k)")
+    g.add_argument("--top-p", type=float, help="this fraction of the candidate units")
+    g.add_argument("--threshold", type=float, help="every unit with kappa <= T (>= T for --order highest)")
+    p.add_argument("--order", default="lowest", choices=["lowest", "highest", "random", "random-same-kind"])
+    p.add_argument("--like", help="reference selection JSON for --order random-same-kind")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--include", action="append", help="regex matched in full against unit names (repeatable)")
+    p.add_argument("--exclude", action="append", help="regex matched in full against unit names (repeatable)")
+    p.add_argument("--kind", action="append", dest="kinds", help="only units of this kind, e.g. v_proj")
+    p.add_argument("--group", action="append", dest="groups",
+                   help="only units of this group: attention, mlp, expert, conv, embedding, lm_head, other")
+    p.add_argument("--max-per-kind", type=int)
+    p.add_argument("--allow-singular", action="store_true", help="let units with kappa = inf be selected")
+    p.add_argument("--output", "-o", help="selection JSON (default: stdout)")
+    p.add_argument("--axolotl", help="also write Axolotl unfrozen_parameters YAML")
+    p.add_argument("--peft", help="also write PEFT LoraConfig kwargs JSON (target_modules/target_parameters)")
+    p.add_argument("--csv", help="also write the selection as CSV")
+    p.set_defaults(func=cmd_select)
+
+
+def cmd_select(a) -> int:
+    from ._io import atomic_write_json, atomic_write_text
+    from .report import KappaReport, Selection, dumps_json
+    from .select import parse_size, select
+
+    rep = KappaReport.load(a.report)
+    like = Selection.load(a.like) if a.like else None
+    sel = select(rep, count=parse_size(a.count) if a.count else None, budget_params=a.budget_params,
+                 top_p=a.top_p, threshold=a.threshold, order=a.order, seed=a.seed, include=a.include,
+                 exclude=a.exclude, kinds=a.kinds, groups=a.groups, max_per_kind=a.max_per_kind, like=like,
+                 allow_singular=a.allow_singular)
+    # Build every export first, so that a refused export leaves no file at all.
+    outs = []
+    if a.axolotl:
+        outs.append((a.axolotl, sel.to_axolotl_yaml(), False))
+    if a.peft:
+        outs.append((a.peft, sel.to_peft_kwargs(), True))
+    if a.csv:
+        outs.append((a.csv, sel.to_csv(), False))
+    if a.output:
+        sel.save(a.output)
+    else:
+        sys.stdout.write(dumps_json(sel.to_dict()))
+    for path, content, is_json in outs:
+        (atomic_write_json if is_json else atomic_write_text)(path, content)
+    logging.getLogger("kappatune").info("selected %d units, %s parameters", sel.count, f"{sel.total_params:,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kappatune", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"kappatune {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _COMMANDS:
+        add(sub)
+    return p
+
+
+_COMMANDS = [_add_scan, _add_show, _add_select]
+
+
+def _configure_logging(verbose: bool) -> None:
+    lg = logging.getLogger("kappatune")
+    if not lg.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        lg.addHandler(h)
+    lg.setLevel(logging.DEBUG if verbose else logging.INFO)
+    lg.propagate = False
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    _configure_logging(a.verbose)
+    from .errors import KappaTuneError
+
+    try:
+        return int(a.func(a) or 0)
+    except KappaTuneError as e:
+        print(f"kappatune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kappatune: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""The one exception type the CLI turns into a single clear line on stderr."""
+
+
+class KappaTuneError(Exception):
+    """A problem with the user's input or environment, stated in one line."""

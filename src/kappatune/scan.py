@@ -1,0 +1,198 @@
+"""scan(source) -> KappaReport: every eligible unit's spectrum, one source tensor in memory at a time.
+
+A content-keyed cache (hash of the unit's bytes + dtype + shape + options + kappatune version) makes a
+second scan of unchanged weights nearly free, whatever the file is called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+
+from . import __version__
+from ._io import as_float, atomic_write_json
+from .errors import KappaTuneError
+from .report import KappaReport, UnitResult, structure_fingerprint
+from .sources import Source, open_source
+from .spectral import Spectrum, spectrum
+from .units import UnitSpec, plan_units, unit_matrix
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("KAPPATUNE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kappatune", "spectra")
+
+
+def content_hash(t: torch.Tensor) -> str:
+    """Hash of a tensor's stored bytes, dtype and shape (no float conversion)."""
+    t = t.detach().contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).cpu().numpy()))
+    return h.hexdigest()
+
+
+def _raw(spec: UnitSpec, tensor: torch.Tensor) -> torch.Tensor:
+    # The bytes that identify the unit's content, in the same layout on disk and in memory.
+    if spec.source_slice is not None:
+        x, r0, r1 = spec.source_slice
+        return tensor[x, r0:r1]
+    return tensor
+
+
+class _Cache:
+    def __init__(self, directory: str | None, enabled: bool, options_key: str):
+        self.dir = directory or default_cache_dir()
+        self.enabled = enabled
+        self.options_key = options_key
+
+    def _path(self, chash: str) -> str:
+        k = hashlib.sha256(f"{__version__}|{self.options_key}|{chash}".encode()).hexdigest()
+        return os.path.join(self.dir, k[:2], k + ".json")
+
+    def get(self, chash: str) -> Spectrum | None:
+        if not self.enabled:
+            return None
+        try:
+            with open(self._path(chash), encoding="utf-8") as f:
+                d = json.load(f)
+            return Spectrum(**{k: (as_float(v) if k not in ("status", "method") else v) for k, v in d.items()})
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def put(self, chash: str, s: Spectrum) -> None:
+        if not self.enabled:
+            return
+        try:
+            atomic_write_json(self._path(chash), asdict(s))
+        except OSError as e:  # a read-only cache must not fail the scan
+            log.debug("cache write failed: %s", e)
+
+
+def scan(source, *, embeddings: bool = False, include_routers: bool = False, cache: bool = True,
+         cache_dir: str | None = None, progress: bool = False, input_var: float = 1.0,
+         exact: bool = False) -> KappaReport:
+    """Spectra of every eligible unit of ``source`` (an ``nn.Module`` or a path).
+
+    Args:
+        source: ``nn.Module``, a model folder (sharded safetensors too), a ``.safetensors`` or ``.gguf`` file.
+        embeddings: also scan embeddings and LM heads.
+        include_routers: also scan MoE routers (excluded by default, as in the paper).
+        cache: reuse spectra of unchanged weights (content-keyed) and store new ones.
+        progress: show a progress bar on stderr.
+        input_var: input variance sigma_x^2 of the Gaussian-entropy figures (eq. 6).
+        exact: skip the Gram route and use float64 svdvals for every unit.
+    """
+    if input_var <= 0:
+        raise KappaTuneError(f"input_var must be > 0, got {input_var}")
+    t0 = time.perf_counter()
+    src: Source = open_source(source)
+    options = {"embeddings": bool(embeddings), "include_routers": bool(include_routers),
+               "input_var": float(input_var), "exact": bool(exact)}
+    plan = plan_units(src.entries(), model_type=src.model_type, embeddings=embeddings,
+                      include_routers=include_routers)
+    if not plan.units:
+        raise KappaTuneError(f"no eligible weight matrix found in {_describe(src)} "
+                             f"({len(plan.skipped)} tensors, all excluded)")
+    store = _Cache(cache_dir, cache, f"iv={input_var}|exact={exact}")
+    by_source: dict[str, list[UnitSpec]] = {}
+    for u in plan.units:
+        by_source.setdefault(u.source, []).append(u)
+    results: dict[str, UnitResult] = {}
+    hits = 0
+    bar = _progress(len(plan.units), progress)
+    dtypes = {e.source: e.dtype for e in src.entries()}
+    try:
+        for key, specs in by_source.items():
+            try:
+                tensor = src.load(key)
+                load_error = None
+            except KappaTuneError as e:
+                tensor, load_error = None, str(e)
+            for spec in specs:
+                if tensor is None:
+                    results[spec.name] = _result(spec, dtypes.get(key, "?"), None, "", "error", load_error)
+                    bar.update(1)
+                    continue
+                try:
+                    raw = _raw(spec, tensor)
+                    chash = content_hash(raw)
+                    s = store.get(chash)
+                    if s is not None:
+                        hits += 1
+                    else:
+                        s = spectrum(unit_matrix(spec, tensor), input_var=input_var, force_exact=exact)
+                        store.put(chash, s)
+                    if s.status == "nonfinite":
+                        log.warning("%s: weights contain NaN or Inf; kappa is undefined (status 'nonfinite')",
+                                    spec.name)
+                    results[spec.name] = _result(spec, str(tensor.dtype).replace("torch.", ""), s, chash, s.status)
+                except Exception as e:  # one bad tensor never aborts the scan
+                    log.warning("%s: %s", spec.name, e)
+                    results[spec.name] = _result(spec, dtypes.get(key, "?"), None, "", "error", str(e))
+                bar.update(1)
+            del tensor
+    finally:
+        bar.close()
+        src.close()
+    units = [results[u.name] for u in plan.units]
+    units.sort(key=lambda u: u.name)
+    skipped = [{"name": s.name, "shape": list(s.shape), "reason": s.reason} for s in plan.skipped]
+    fp = structure_fingerprint((u.name, u.shape) for u in units)
+    ch = hashlib.sha256("".join(u.content_hash for u in units).encode()).hexdigest()[:16]
+    return KappaReport(units=units, skipped=skipped, source=src.describe(), options=options,
+                       structure_fingerprint=fp, content_fingerprint=ch, elapsed_s=time.perf_counter() - t0,
+                       cache_hits=hits)
+
+
+def model_structure_fingerprint(model: torch.nn.Module, options: dict) -> tuple[str, dict[str, UnitSpec]]:
+    """The structure fingerprint a scan of ``model`` with ``options`` would have, without any SVD."""
+    src = open_source(model)
+    plan = plan_units(src.entries(), model_type=src.model_type, embeddings=bool(options.get("embeddings")),
+                      include_routers=bool(options.get("include_routers")))
+    return structure_fingerprint((u.name, u.shape) for u in plan.units), {u.name: u for u in plan.units}
+
+
+def _result(spec: UnitSpec, dtype: str, s: Spectrum | None, chash: str, status: str,
+            message: str | None = None) -> UnitResult:
+    nan = math.nan
+    vals = (s.sigma_max, s.sigma_min, s.kappa, s.log_volume, s.entropy, s.entropy_max, s.entropy_deficit) \
+        if s is not None else (nan,) * 7
+    return UnitResult(name=spec.name, param=spec.param, source=spec.source, layout=spec.layout, kind=spec.kind,
+                      group=spec.group, layer=spec.layer, shape=spec.shape, numel=spec.numel, dtype=dtype,
+                      sigma_max=vals[0], sigma_min=vals[1], kappa=vals[2], log_volume=vals[3], entropy=vals[4],
+                      entropy_max=vals[5], entropy_deficit=vals[6], status=status,
+                      method=s.method if s is not None else "none", content_hash=chash, expert=spec.expert,
+                      half=spec.half, param_rows=spec.param_rows, message=message or "")
+
+
+def _describe(src: Source) -> str:
+    d = src.describe()
+    return d.get("path") or d.get("class") or d.get("kind", "source")
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="kappa scan", unit="unit", leave=False)

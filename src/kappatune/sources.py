@@ -1,0 +1,268 @@
+"""Where tensors come from: an nn.Module, a (sharded) safetensors file/folder, or a GGUF file.
+
+A source lists its tensors (name, shape, dtype, owner module class when known) without loading them and
+loads one tensor at a time on request, so a scan from disk never holds more than a few tensors.
+No model is constructed for files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import torch
+
+from .errors import KappaTuneError
+from .units import Entry
+
+
+class Source:
+    kind: str = "abstract"
+    model_type: str | None = None
+
+    def entries(self) -> list[Entry]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def load(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model_type": self.model_type}
+
+    def close(self) -> None:
+        pass
+
+
+class ModuleSource(Source):
+    kind = "module"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        cfg = getattr(model, "config", None)
+        self.model_type = getattr(cfg, "model_type", None)
+        owners: dict[str, str] = {}
+        for mod_name, mod in model.named_modules():
+            for p_name, _ in mod.named_parameters(recurse=False):
+                owners[f"{mod_name}.{p_name}" if mod_name else p_name] = type(mod).__name__
+        self._params = dict(model.named_parameters())  # tied parameters appear once
+        self._owners = owners
+
+    def entries(self) -> list[Entry]:
+        return [Entry(n, tuple(p.shape), str(p.dtype).replace("torch.", ""), self._owners.get(n))
+                for n, p in self._params.items()]
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._params[name].detach()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model_type": self.model_type, "class": type(self.model).__name__}
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise KappaTuneError(f"cannot read {path}: {e}") from None
+
+
+class SafetensorsSource(Source):
+    """A .safetensors file, or a folder with model.safetensors or a sharded index. Memory-mapped reads."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        if os.path.isdir(path):
+            index = os.path.join(path, "model.safetensors.index.json")
+            if os.path.exists(index):
+                weight_map = _read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise KappaTuneError(f"{index}: no 'weight_map' in the shard index")
+                files = sorted(set(weight_map.values()))
+            else:
+                files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+                if not files:
+                    raise KappaTuneError(f"{path}: no .safetensors file in this folder")
+            files = [os.path.join(path, f) for f in files]
+            cfg_path = os.path.join(path, "config.json")
+            self.config = _read_json(cfg_path) if os.path.exists(cfg_path) else None
+        else:
+            files = [path]
+            cfg_path = os.path.join(os.path.dirname(path) or ".", "config.json")
+            self.config = _read_json(cfg_path) if os.path.exists(cfg_path) else None
+        self.model_type = (self.config or {}).get("model_type")
+        self.files = files
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        self._meta: dict[str, Entry] = {}
+        for f in files:
+            if not os.path.exists(f):
+                raise KappaTuneError(f"{f}: shard listed in the index is missing")
+            try:
+                h = safe_open(f, framework="pt")
+                keys = list(h.keys())
+                for k in keys:
+                    sl = h.get_slice(k)
+                    shape = tuple(int(s) for s in sl.get_shape())
+                    dtype = str(sl.get_dtype()).lower()
+                    self._meta[k] = Entry(k, shape, _st_dtype(dtype))
+                    self._where[k] = f
+            except KappaTuneError:
+                raise
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise KappaTuneError(f"{f}: not a valid safetensors file ({_one_line(e)})") from None
+            self._handles[f] = h
+
+    def entries(self) -> list[Entry]:
+        return [self._meta[k] for k in sorted(self._meta)]
+
+    def load(self, name: str) -> torch.Tensor:
+        f = self._where[name]
+        try:
+            return self._handles[f].get_tensor(name)
+        except Exception as e:
+            raise KappaTuneError(f"{f}: cannot read tensor {name!r} ({_one_line(e)}); the file may be truncated") \
+                from None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": os.path.abspath(self.path), "files": len(self.files),
+                "model_type": self.model_type}
+
+
+_ST_DTYPES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f8_e4m3": "float8_e4m3fn",
+              "f8_e5m2": "float8_e5m2", "i64": "int64", "i32": "int32", "i16": "int16", "i8": "int8",
+              "u8": "uint8", "bool": "bool"}
+
+
+def _st_dtype(s: str) -> str:
+    s = s.lower()
+    return _ST_DTYPES.get(s, s)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+# GGUF -> transformers names for the Llama-style block layout (llama, mistral, qwen2, gemma, ...).
+_GGUF_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output": "lm_head", "output_norm": "model.norm"}
+_GGUF_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_GGUF_EXPS_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """Map a GGUF tensor name to the transformers parameter name where the layout is known, else keep it.
+
+    Fused GGUF experts ``blk.N.ffn_{gate,up,down}_exps.weight`` map to the per-expert unfused names
+    ``model.layers.N.mlp.experts.{E}.{gate,up,down}_proj.weight`` only after slicing (see GGUFSource).
+    """
+    m = _GGUF_RE.match(name)
+    if m:
+        layer, part, kind = m.groups()
+        if part in _GGUF_BLOCK:
+            return f"model.layers.{layer}.{_GGUF_BLOCK[part]}.{kind}"
+        return name
+    stem, _, kind = name.rpartition(".")
+    if stem in _GGUF_TOP:
+        return f"{_GGUF_TOP[stem]}.{kind}"
+    return name
+
+
+class GGUFSource(Source):
+    """A GGUF file read through the ``gguf`` package, each tensor dequantised to float32 on load."""
+
+    kind = "gguf"
+
+    def __init__(self, path: str):
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise KappaTuneError("reading .gguf files needs the 'gguf' package: pip install gguf") from None
+        from gguf import GGUFReader
+
+        self.path = path
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as e:
+            raise KappaTuneError(f"{path}: not a valid GGUF file ({_one_line(e)})") from None
+        arch = self.reader.fields.get("general.architecture")
+        self.model_type = bytes(arch.parts[-1]).decode("utf-8", "replace") if arch is not None else None
+        self._tensors = {}
+        self._entries: list[Entry] = []
+        for t in self.reader.tensors:
+            shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))  # GGUF lists ne[0] first
+            em = _GGUF_EXPS_RE.match(t.name)
+            if em and len(shape) == 3:
+                # One fused (E, rows, cols) tensor per projection: expose per-expert unfused names.
+                layer, proj = em.groups()
+                for x in range(shape[0]):
+                    key = f"model.layers.{layer}.mlp.experts.{x}.{proj}_proj.weight"
+                    self._tensors[key] = (t, x)
+                    self._entries.append(Entry(key, shape[1:], "float32"))
+                continue
+            key = gguf_to_hf_name(t.name)
+            self._tensors[key] = (t, None)
+            self._entries.append(Entry(key, shape, "float32"))
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries)
+
+    def load(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t, x = self._tensors[name]
+        if self._last is not None and self._last[0] == t.name:
+            full = self._last[1]
+        else:
+            try:
+                arr = dequantize(t.data, t.tensor_type)
+            except Exception as e:
+                raise KappaTuneError(f"{self.path}: cannot dequantise {t.name} ({_one_line(e)})") from None
+            full = torch.from_numpy(arr.reshape(tuple(reversed([int(s) for s in t.shape]))).copy())
+            self._last = (t.name, full)
+        return full if x is None else full[x]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": os.path.abspath(self.path), "model_type": self.model_type}
+
+
+def open_source(obj) -> Source:
+    """An nn.Module, or a path to a .safetensors file, a model folder, or a .gguf file."""
+    if isinstance(obj, Source):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        return ModuleSource(obj)
+    if isinstance(obj, (str, os.PathLike)):
+        path = os.fspath(obj)
+        if not os.path.exists(path):
+            raise KappaTuneError(f"{path}: no such file or folder")
+        if os.path.isdir(path):
+            ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
+            has_st = any(f.endswith(".safetensors") for f in os.listdir(path))
+            if not has_st and len(ggufs) == 1:
+                return GGUFSource(os.path.join(path, ggufs[0]))
+            return SafetensorsSource(path)
+        if path.endswith(".gguf"):
+            return GGUFSource(path)
+        if path.endswith(".safetensors"):
+            return SafetensorsSource(path)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            return GGUFSource(path)
+        return SafetensorsSource(path)
+    raise KappaTuneError(f"cannot scan an object of type {type(obj).__name__}: pass an nn.Module or a path")

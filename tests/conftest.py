@@ -1,0 +1,71 @@
+"""Tiny seeded models built from configs (no download), shared by the tests."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ARCHS = {
+    "llama": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "gpt2": dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "olmoe": dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(vocab_size=64, hidden_size=32, intermediate_size=24, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    "mixtral": dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+def make_model(arch: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(arch, **ARCHS[arch])
+    cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = 0
+    m = AutoModelForCausalLM.from_config(cfg)
+    # Give every weight a random spread of singular values (init can be near-orthogonal or constant).
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn_like(p) * torch.rand(p.shape[-1]) * 0.1)
+    return m.eval()
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv1d(3, 8, 5)
+        self.conv2 = torch.nn.Conv2d(8, 12, (3, 2))
+        self.conv3 = torch.nn.Conv3d(12, 6, (2, 2, 2))
+        self.bn = torch.nn.BatchNorm2d(12)
+        self.fc = torch.nn.Linear(6, 4)
+
+
+@pytest.fixture
+def tiny():
+    return make_model
+
+
+@pytest.fixture
+def convnet():
+    torch.manual_seed(0)
+    return ConvNet()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAPPATUNE_CACHE_DIR", str(tmp_path / "kt-cache"))
+
+
+def np_kappa(mat) -> float:
+    s = np.linalg.svd(np.asarray(mat, dtype=np.float64), compute_uv=False)
+    return float(s[0] / s[-1])

@@ -1,0 +1,247 @@
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import kappatune
+from kappatune.units import parse_slice_name
+from conftest import ConvNet, make_model, np_kappa
+
+
+def _reference_units(model):
+    """Independent enumeration of the expected unit matrices (the paper's reshape rules), by hand."""
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for mname, mod in model.named_modules():
+        pre = f"{mname}." if mname else ""
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in mname and not mname.endswith((".gate", "shared_expert_gate")):
+            out[pre + "weight"] = mod.weight.detach()
+        elif isinstance(mod, Conv1D):
+            out[pre + "weight"] = mod.weight.detach().T
+        elif isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            out[pre + "weight"] = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+    for n, p in model.named_parameters():
+        if p.dim() == 3 and n.endswith("experts.gate_up_proj"):
+            i = p.shape[1] // 2
+            for e in range(p.shape[0]):
+                out[f"{n}@{e}.gate"] = p[e, :i].detach()
+                out[f"{n}@{e}.up"] = p[e, i:].detach()
+        elif p.dim() == 3 and n.endswith("experts.down_proj"):
+            for e in range(p.shape[0]):
+                out[f"{n}@{e}"] = p[e].detach()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "olmoe", "qwen2_moe", "mixtral"])
+def test_every_unit_matches_numpy_float64_svd(arch):
+    model = make_model(arch)
+    rep = kappatune.scan(model, cache=False)
+    ref = _reference_units(model)
+    got = rep.by_name()
+    assert set(got) == set(ref), set(got) ^ set(ref)
+    for name, mat in ref.items():
+        u = got[name]
+        assert u.status == "ok"
+        assert tuple(u.shape) == tuple(mat.shape)
+        k = np_kappa(mat.numpy())
+        assert abs(u.kappa - k) / k < 1e-6, name
+        s = np.linalg.svd(mat.double().numpy(), compute_uv=False)
+        assert u.log_volume == pytest.approx(float(np.sum(np.log2(s))), abs=1e-6)
+    reasons = {s["name"]: s["reason"] for s in rep.skipped}
+    if arch in ("olmoe", "qwen2_moe", "mixtral"):
+        assert any("router" in r for n, r in reasons.items() if n.endswith("mlp.gate.weight"))
+        assert rep.by_name()[next(iter(n for n in got if "@" in n))].group == "expert"
+    assert all(("norm" in r or "embedding" in r or "router" in r or "bias" in r or "1-D" in r)
+               for r in reasons.values())
+
+
+def test_gpt2_conv1d_reported_as_out_in():
+    model = make_model("gpt2")
+    u = kappatune.scan(model, cache=False).by_name()["transformer.h.0.attn.c_attn.weight"]
+    assert u.shape == (96, 32) and u.layout == "conv1d_hf" and u.layer == 0
+
+
+def test_conv_net_reshape_and_exclusions():
+    m = ConvNet()
+    rep = kappatune.scan(m, cache=False)
+    got = rep.by_name()
+    assert got["conv1.weight"].shape == (8, 3 * 5)
+    assert got["conv2.weight"].shape == (12, 8 * 3 * 2)
+    assert got["conv3.weight"].shape == (6, 12 * 8)
+    assert got["conv2.weight"].group == "conv"
+    for name in ("conv1.weight", "conv2.weight", "conv3.weight", "fc.weight"):
+        w = dict(m.named_parameters())[name].detach()
+        assert got[name].kappa == pytest.approx(np_kappa(w.reshape(w.shape[0], -1).numpy()), rel=1e-6)
+    skipped = {s["name"]: s["reason"] for s in rep.skipped}
+    assert set(skipped) == {"conv1.bias", "conv2.bias", "conv3.bias", "bn.weight", "bn.bias", "fc.bias"}
+
+
+def test_embeddings_only_when_asked():
+    m = make_model("llama")
+    assert "model.embed_tokens.weight" not in kappatune.scan(m, cache=False).by_name()
+    rep = kappatune.scan(m, cache=False, embeddings=True)
+    assert rep.by_name()["model.embed_tokens.weight"].group == "embedding"
+    assert rep.by_name()["lm_head.weight"].group == "lm_head"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "olmoe", "qwen2_moe", "mixtral"])
+def test_scan_on_disk_equals_scan_in_memory(arch, tmp_path):
+    model = make_model(arch)
+    model.save_pretrained(tmp_path / "m")
+    mem = kappatune.scan(model, cache=False)
+    disk = kappatune.scan(str(tmp_path / "m"), cache=False)
+    assert disk.structure_fingerprint == mem.structure_fingerprint
+    assert disk.content_fingerprint == mem.content_fingerprint
+    dm, mm = disk.by_name(), mem.by_name()
+    assert set(dm) == set(mm)
+    for n in mm:
+        assert dm[n].kappa == pytest.approx(mm[n].kappa, rel=1e-12), n
+        assert dm[n].param == mm[n].param and dm[n].param_rows == mm[n].param_rows
+    if arch in ("olmoe", "qwen2_moe", "mixtral"):
+        # the report's name map sends in-memory slice names to the unfused keys on disk ...
+        nm = disk.name_map()
+        assert nm and all(parse_slice_name(k) for k in nm)
+        # ... and the mapping is right: the disk tensor is exactly the in-memory slice
+        from safetensors.torch import load_file
+
+        sd = load_file(str(tmp_path / "m" / "model.safetensors"))
+        params = dict(model.named_parameters())
+        for name, key in nm.items():
+            param, e, half = parse_slice_name(name)
+            r0, r1 = dm[name].param_rows
+            assert torch.equal(params[param].detach()[e, r0:r1], sd[key]), (name, key)
+
+
+def test_sharded_checkpoint_and_bf16(tmp_path):
+    model = make_model("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    disk = kappatune.scan(str(tmp_path / "m"), cache=False)
+    for name, p in model.named_parameters():
+        if name in disk.by_name():
+            u = disk.by_name()[name]
+            assert u.dtype == "bfloat16"
+            assert u.kappa == pytest.approx(np_kappa(p.detach().double().numpy()), rel=1e-6)
+
+
+def test_single_safetensors_file_with_conv_4d(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    t = {"enc.conv.weight": torch.randn(6, 3, 2, 2), "enc.conv.bias": torch.randn(6), "head.weight": torch.randn(4, 7)}
+    save_file(t, str(tmp_path / "x.safetensors"))
+    rep = kappatune.scan(str(tmp_path / "x.safetensors"), cache=False)
+    u = rep.by_name()["enc.conv.weight"]
+    assert u.shape == (6, 12) and u.layout == "conv"
+    assert u.kappa == pytest.approx(np_kappa(t["enc.conv.weight"].reshape(6, -1).numpy()), rel=1e-6)
+
+
+def test_order_agrees_with_peft_find_kappa_target_modules():
+    from peft import find_kappa_target_modules
+
+    model = make_model("llama")
+    rep = kappatune.scan(model, cache=False)
+    peft_all = find_kappa_target_modules(model, top_p=1.0, show_progress=False)["target_modules"]
+    peft_all = [m for m in peft_all if m != "lm_head"]
+    ours = [u.param[: -len(".weight")] for u in sorted(rep.units, key=lambda u: (u.kappa, u.name))]
+    assert ours == peft_all
+    sel = kappatune.select(rep, top_p=0.25)
+    peft_sel = find_kappa_target_modules(model, top_p=0.25, show_progress=False)["target_modules"]
+    # PEFT counts lm_head among its candidates; compare the orderings, not the cut
+    assert [n[: -len('.weight')] for n in sel.names] == [m for m in peft_sel if m != "lm_head"][: sel.count]
+
+
+def test_cache_hits_and_recomputes_changed_weights(tmp_path):
+    model = make_model("llama")
+    a = kappatune.scan(model)
+    assert a.cache_hits == 0
+    b = kappatune.scan(model)
+    assert b.cache_hits == len(b.units)
+    assert [u.kappa for u in a.units] == [u.kappa for u in b.units]
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(torch.linspace(0.1, 3, 32)[:, None])
+    c = kappatune.scan(model)
+    assert c.cache_hits == len(c.units) - 1
+    assert c.by_name()["model.layers.0.self_attn.q_proj.weight"].kappa != \
+        a.by_name()["model.layers.0.self_attn.q_proj.weight"].kappa
+    # the same weights under another file name come from the cache
+    model.save_pretrained(tmp_path / "elsewhere")
+    d = kappatune.scan(str(tmp_path / "elsewhere"))
+    assert d.cache_hits == len(d.units)
+    assert kappatune.scan(model, cache=False).cache_hits == 0
+
+
+def test_bad_tensor_does_not_abort_scan(caplog):
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    with caplog.at_level("WARNING"):
+        rep = kappatune.scan(model, cache=False)
+    by = rep.by_name()
+    assert by["model.layers.1.mlp.up_proj.weight"].status == "nonfinite"
+    assert by["model.layers.0.mlp.down_proj.weight"].status == "singular"
+    assert by["model.layers.0.mlp.down_proj.weight"].kappa == math.inf
+    assert sum(u.status == "ok" for u in rep.units) == len(rep.units) - 2
+    assert "NaN or Inf" in caplog.text
+    # selection ignores them by default
+    sel = kappatune.select(rep, top_p=1.0)
+    assert "model.layers.1.mlp.up_proj.weight" not in sel.names
+    assert "model.layers.0.mlp.down_proj.weight" not in sel.names
+
+
+def test_report_round_trip_with_inf(tmp_path):
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    rep = kappatune.scan(model, cache=False)
+    rep.save(str(tmp_path / "r.json"))
+    back = kappatune.KappaReport.load(str(tmp_path / "r.json"))
+    assert back.by_name()["model.layers.0.mlp.down_proj.weight"].kappa == math.inf
+    assert [u.kappa for u in back.units] == [u.kappa for u in rep.units]
+    text = (tmp_path / "r.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+
+
+def _write_gguf(path, tensors, arch="llama"):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    for name, t in tensors.items():
+        w.add_tensor(name, t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_names_map_to_transformers_and_kappas_match(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = {
+        "token_embd.weight": torch.randn(64, 16, generator=g),
+        "blk.0.attn_q.weight": torch.randn(16, 16, generator=g),
+        "blk.0.attn_v.weight": torch.randn(8, 16, generator=g),
+        "blk.0.attn_norm.weight": torch.randn(16, generator=g),
+        "blk.1.ffn_down.weight": torch.randn(16, 24, generator=g),
+        "blk.1.ffn_gate_exps.weight": torch.randn(3, 12, 16, generator=g),
+        "blk.1.ffn_up_exps.weight": torch.randn(3, 12, 16, generator=g),
+        "blk.1.ffn_down_exps.weight": torch.randn(3, 16, 12, generator=g),
+    }
+    _write_gguf(tmp_path / "m.gguf", t)
+    rep = kappatune.scan(str(tmp_path / "m.gguf"), cache=False)
+    by = rep.by_name()
+    assert rep.source["model_type"] == "llama"
+    assert by["model.layers.0.self_attn.q_proj.weight"].kappa == pytest.approx(np_kappa(t["blk.0.attn_q.weight"]), rel=1e-6)
+    assert by["model.layers.0.self_attn.v_proj.weight"].shape == (8, 16)
+    assert by["model.layers.1.mlp.down_proj.weight"].kappa == pytest.approx(np_kappa(t["blk.1.ffn_down.weight"]), rel=1e-6)
+    for e in range(3):
+        assert by[f"model.layers.1.mlp.experts.gate_up_proj@{e}.gate"].kappa == pytest.approx(
+            np_kappa(t["blk.1.ffn_gate_exps.weight"][e]), rel=1e-6)
+        assert by[f"model.layers.1.mlp.experts.gate_up_proj@{e}.up"].param_rows == (12, 24)
+        assert by[f"model.layers.1.mlp.experts.down_proj@{e}"].kappa == pytest.approx(
+            np_kappa(t["blk.1.ffn_down_exps.weight"][e]), rel=1e-6)
+    assert "model.embed_tokens.weight" in {s["name"] for s in rep.skipped}

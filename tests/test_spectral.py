@@ -1,0 +1,117 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kappatune.spectral import GRAM_TRUSTED_KAPPA, gaussian_entropy_bits, spectrum
+from conftest import np_kappa
+
+
+def _with_spectrum(m, n, svals, seed=0):
+    g = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(g.standard_normal((m, m)))
+    v, _ = np.linalg.qr(g.standard_normal((n, n)))
+    p = min(m, n)
+    s = np.zeros((m, n))
+    s[np.arange(p), np.arange(p)] = svals
+    return u @ s @ v.T
+
+
+@pytest.mark.parametrize("kappa", [1.0, 10.0, 1e3, 1e6])
+@pytest.mark.parametrize("shape", [(40, 40), (24, 60), (60, 24)])
+def test_known_kappa(kappa, shape):
+    p = min(shape)
+    svals = np.geomspace(kappa, 1.0, p) * 0.37
+    w = _with_spectrum(*shape, svals)
+    s = spectrum(torch.from_numpy(w))
+    assert s.status == "ok"
+    assert abs(s.kappa - kappa) / kappa < 1e-6
+    # and against an independent float64 SVD of the same matrix
+    assert abs(s.kappa - np_kappa(w)) / np_kappa(w) < 1e-6
+    assert math.isclose(s.log_volume, float(np.sum(np.log2(svals))), rel_tol=1e-9, abs_tol=1e-6)
+    route = "gram-eigh" if kappa <= GRAM_TRUSTED_KAPPA else "svd"
+    assert s.method == route
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_storage_is_computed_in_float64(dtype):
+    w = torch.from_numpy(_with_spectrum(32, 48, np.geomspace(500.0, 1.0, 32))).to(dtype)
+    s = spectrum(w)
+    ref = np_kappa(w.to(torch.float64).numpy())  # numpy float64 SVD of the very same stored values
+    assert abs(s.kappa - ref) / ref < 1e-6
+
+
+def test_zero_and_rank_deficient_are_singular():
+    z = spectrum(torch.zeros(5, 7))
+    assert z.status == "singular" and z.kappa == math.inf
+    a = torch.randn(10, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)  # rank 3
+    s = spectrum(a)
+    assert s.status == "singular" and s.kappa == math.inf and s.log_volume == -math.inf
+    assert s.sigma_max > 0
+
+
+def test_nonfinite():
+    w = torch.randn(6, 6)
+    w[2, 3] = float("nan")
+    s = spectrum(w)
+    assert s.status == "nonfinite" and math.isnan(s.kappa)
+    w[2, 3] = float("inf")
+    assert spectrum(w).status == "nonfinite"
+
+
+def test_exact_route_matches_gram_route():
+    w = torch.randn(30, 50, dtype=torch.float64)
+    a, b = spectrum(w), spectrum(w, force_exact=True)
+    assert a.method == "gram-eigh" and b.method == "svd"
+    assert abs(a.kappa - b.kappa) / b.kappa < 1e-10
+    assert abs(a.log_volume - b.log_volume) < 1e-8
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (5, 5)])
+def test_eq6_matches_monte_carlo_entropy(shape):
+    """h(Y) from eq. 6 vs the Gaussian entropy of the sample covariance of Y = W X, X ~ N(0, s^2 I)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
+    var = 2.5
+    x = torch.randn(400_000, shape[1], generator=g, dtype=torch.float64) * math.sqrt(var)
+    y = x @ w.T
+    h_mc = gaussian_entropy_bits(torch.cov(y.T))
+    h_eq6 = spectrum(w, input_var=var).entropy
+    assert abs(h_mc - h_eq6) < 0.02, (h_mc, h_eq6)
+    # a wrong formula (e.g. natural log) would be far off
+    assert abs(h_eq6 * math.log(2) - h_mc) > 0.2
+
+
+def test_theorem1_kappa_one_maximises_entropy_at_equal_frobenius_norm():
+    n = 8
+    g = np.random.default_rng(3)
+    fro = 5.0
+    iso = _with_spectrum(n, n, np.full(n, fro / math.sqrt(n)))
+    s_iso = spectrum(torch.from_numpy(iso))
+    assert s_iso.kappa == pytest.approx(1.0, rel=1e-9)
+    assert s_iso.entropy_deficit == pytest.approx(0.0, abs=1e-9)
+    assert s_iso.entropy == pytest.approx(s_iso.entropy_max, abs=1e-9)
+    for k in range(20):
+        w = g.standard_normal((n, n))
+        w *= fro / np.linalg.norm(w)
+        s = spectrum(torch.from_numpy(w))
+        assert s.entropy < s_iso.entropy
+        assert s.entropy_max == pytest.approx(s_iso.entropy_max, abs=1e-9)
+        assert s.entropy_deficit == pytest.approx(s_iso.entropy - s.entropy, abs=1e-9)
+        assert s.entropy_deficit > 0
+
+
+def test_deficit_grows_with_kappa_at_fixed_norm():
+    n = 6
+    defs = []
+    for kappa in (1.0, 3.0, 30.0, 300.0):
+        sv = np.geomspace(kappa, 1, n)
+        sv *= 4.0 / np.linalg.norm(sv)
+        defs.append(spectrum(torch.from_numpy(_with_spectrum(n, n, sv))).entropy_deficit)
+    assert defs == sorted(defs) and defs[0] == pytest.approx(0, abs=1e-9)
+
+
+def test_rejects_non_matrix():
+    with pytest.raises(ValueError):
+        spectrum(torch.randn(3, 3, 3))
