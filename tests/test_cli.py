@@ -1,0 +1,112 @@
+"""The real `kappatune` entry point, in a subprocess, including bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_model
+
+
+def run(*args, cwd=None):
+    exe = shutil.which("kappatune")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "kappatune", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    make_model("llama").save_pretrained(d / "llama")
+    return d / "llama"
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kappatune: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_version_is_fast():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("kappatune ")
+
+
+def test_scan_show_select_end_to_end(saved, tmp_path):
+    rep = tmp_path / "r.json"
+    r = run("scan", str(saved), "-o", str(rep), "--csv", str(tmp_path / "r.csv"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(rep.read_text())
+    assert d["format"] == "kappatune.report/1" and len(d["units"]) == 14
+    assert (tmp_path / "r.csv").read_text().count("\n") == 15
+    r = run("show", str(rep), "--top", "3")
+    assert r.returncode == 0 and "per kind" in r.stdout and "skipped tensors by reason" in r.stdout
+    assert "normalisation" in r.stdout
+    out = tmp_path / "s.json"
+    r = run("select", str(rep), "--budget-params", "3k", "-o", str(out), "--peft", str(tmp_path / "p.json"),
+            "--axolotl", str(tmp_path / "a.yaml"), "--csv", str(tmp_path / "s.csv"))
+    assert r.returncode == 0, r.stderr
+    s = json.loads(out.read_text())
+    assert s["total_params"] <= 3000 and s["count"] >= 1
+    assert json.loads((tmp_path / "p.json").read_text())["target_modules"]
+    assert "unfrozen_parameters" in (tmp_path / "a.yaml").read_text()
+    # random-same-kind via --like
+    r = run("select", str(rep), "--order", "random-same-kind", "--like", str(out), "--count", str(s["count"]))
+    assert r.returncode == 0, r.stderr
+    kinds = sorted(u["kind"] for u in json.loads(r.stdout)["units"])
+    assert kinds == sorted(u["kind"] for u in s["units"])
+
+
+def test_missing_path(tmp_path):
+    out = tmp_path / "r.json"
+    r = run("scan", str(tmp_path / "nope"), "-o", str(out))
+    _one_line_error(r, "no such file")
+    assert not out.exists()
+
+
+def test_truncated_and_corrupt_safetensors(saved, tmp_path):
+    data = (saved / "model.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    for name in ("trunc.safetensors", "junk.safetensors"):
+        out = tmp_path / f"{name}.json"
+        r = run("scan", str(tmp_path / name), "-o", str(out), "--no-progress")
+        _one_line_error(r, name)
+        assert not out.exists()
+
+
+def test_no_eligible_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"norm.weight": torch.ones(4), "x.bias": torch.zeros(4)}, str(tmp_path / "n.safetensors"))
+    r = run("scan", str(tmp_path / "n.safetensors"), "-o", str(tmp_path / "o.json"))
+    _one_line_error(r, "no eligible")
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_select_bad_inputs(saved, tmp_path):
+    rep = tmp_path / "r.json"
+    assert run("scan", str(saved), "-o", str(rep), "--no-progress").returncode == 0
+    out = tmp_path / "s.json"
+    _one_line_error(run("select", str(rep), "--budget-params", "50M", "-o", str(out)), "larger than")
+    _one_line_error(run("select", str(rep), "--count", "2", "--include", "q_proj", "-o", str(out)), "matches no unit")
+    _one_line_error(run("select", str(tmp_path / "missing.json"), "--count", "2", "-o", str(out)), "no such")
+    _one_line_error(run("select", str(rep), "--count", "abc", "-o", str(out)), "abc")
+    assert not out.exists()
+
+
+def test_slice_export_refused_leaves_no_files(tmp_path):
+    make_model("olmoe").save_pretrained(tmp_path / "moe")
+    rep = tmp_path / "r.json"
+    assert run("scan", str(tmp_path / "moe"), "-o", str(rep), "--no-progress").returncode == 0
+    out, ax = tmp_path / "s.json", tmp_path / "a.yaml"
+    r = run("select", str(rep), "--count", "3", "--group", "expert", "-o", str(out), "--axolotl", str(ax))
+    _one_line_error(r, "one expert")
+    assert not out.exists() and not ax.exists()
