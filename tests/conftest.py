@@ -69,3 +69,54 @@ def _isolated_cache(tmp_path, monkeypatch):
 def np_kappa(mat) -> float:
     s = np.linalg.svd(np.asarray(mat, dtype=np.float64), compute_uv=False)
     return float(s[0] / s[-1])
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer built locally (no download): ids 0-2 special, then printable chars."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(dict.fromkeys(string.printable))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def make_lm(arch: str = "llama", seed: int = 0, **over):
+    """Tiny causal LM + char tokenizer that fit each other."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = char_tokenizer()
+    kw = dict(ARCHS[arch])
+    kw.update(vocab_size=len(tok), **over)
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(arch, **kw)
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, 2
+    return AutoModelForCausalLM.from_config(cfg), tok
+
+
+@pytest.fixture
+def lm_folder(tmp_path):
+    m, tok = make_lm()
+    m.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    return tmp_path / "lm"
+
+
+def toy_rows(n=24, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    pos = ["good day", "love it", "great fun", "nice one", "so happy"]
+    neg = ["bad day", "hate it", "awful mess", "so sad", "terrible"]
+    rows = []
+    for i in range(n):
+        lab = "positive" if i % 2 == 0 else "negative"
+        rows.append({"text": rng.choice(pos if lab == "positive" else neg), "label": lab})
+    return rows

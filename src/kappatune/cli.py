@@ -12,6 +12,7 @@ import math
 import sys
 
 from . import __version__
+from .errors import KappaTuneError
 
 
 def _fmt(x: float) -> str:
@@ -161,6 +162,186 @@ def cmd_select(a) -> int:
     return 0
 
 
+def _add_train_options(p, demo: bool = False):
+    p.add_argument("--budget-params", default="2M", help="trainable parameters (20M, 1.5k); all methods but full")
+    p.add_argument("--epochs", type=float, default=2.0 if demo else 3.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_train(sub):
+    from .train import LORA_DEFAULT_TARGETS
+
+    p = sub.add_parser("train", help="fine-tune a causal LM with KappaTune (or a baseline method)")
+    p.add_argument("model", help="local model folder (config.json + safetensors), or 'smollm2' (built-in)")
+    p.add_argument("--data", required=True, help="training data: .jsonl, .csv or .txt")
+    p.add_argument("--output", "-o", required=True, help="output folder (model/, selection.json, logs, checkpoints)")
+    p.add_argument("--method", default="kappatune",
+                   help="kappatune | highest-kappa | random | random-same-kind | full | lora | kappatune-lora")
+    _add_train_options(p)
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides epochs)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--scheduler", default="linear", help="any HF scheduler name: linear, cosine, constant, ...")
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--loss-on", default="all", choices=["all", "answer"])
+    p.add_argument("--template", default=None, help="prompt template (default 'Tweet: {text}\\nSentiment: {label}'); "
+                   "'none' trains on the raw 'text' field")
+    p.add_argument("--answer-field", default="label")
+    p.add_argument("--save-steps", type=int, default=50)
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CUDA only)")
+    p.add_argument("--lora-rank", type=int, help="fixed LoRA rank (default: matched to --budget-params)")
+    p.add_argument("--lora-targets", default=",".join(LORA_DEFAULT_TARGETS))
+    p.add_argument("--lora-count", type=int, help="kappatune-lora: number of lowest-kappa modules (default 20%%)")
+    p.add_argument("--include", action="append", default=[], help="regex on unit names (selective methods)")
+    p.add_argument("--exclude", action="append", default=[], help="regex on unit names (selective methods)")
+    p.add_argument("--report", help="reuse this scan report instead of scanning the model")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(a) -> int:
+    import contextlib
+    import os
+
+    from .data import DEFAULT_TEMPLATE, load_records
+    from .report import KappaReport, dumps_json
+    from .train import TrainConfig, load_model, train
+
+    raw = a.template is not None and a.template.lower() == "none"
+    template = DEFAULT_TEMPLATE if a.template is None else (a.template.replace("\\n", "\n") if not raw else "")
+    cfg = TrainConfig(method=a.method, budget_params=a.budget_params, seed=a.seed, epochs=a.epochs,
+                      max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                      weight_decay=a.weight_decay, scheduler=a.scheduler, warmup_ratio=a.warmup_ratio,
+                      max_length=a.max_length, loss_on=a.loss_on, template=template or DEFAULT_TEMPLATE,
+                      answer_field="" if raw else a.answer_field, save_steps=a.save_steps,
+                      logging_steps=a.logging_steps, bf16=a.bf16, lora_rank=a.lora_rank,
+                      lora_targets=tuple(t for t in a.lora_targets.split(",") if t), lora_count=a.lora_count,
+                      include=tuple(a.include), exclude=tuple(a.exclude), progress=not a.no_progress)
+    rows = load_records(a.data)
+    if raw and "text" not in rows[0]:
+        raise KappaTuneError(f"{a.data}: no 'text' column")
+    report = KappaReport.load(a.report) if a.report else None
+    model, tok = load_model(a.model)
+    if os.path.isdir(a.output) and os.path.exists(os.path.join(a.output, "model")) and \
+            not os.path.isdir(os.path.join(a.output, "checkpoints")):
+        raise KappaTuneError(f"{a.output} already holds a finished model; choose another --output")
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its metrics; stdout is for results
+        res = train(model, tok, rows, a.output, cfg, report=report)
+    sys.stdout.write(dumps_json(res.__dict__))
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="control perplexity / forgetting, label accuracy, generalisation gap")
+    p.add_argument("model", help="local model folder, or 'smollm2'")
+    p.add_argument("--control", help="control corpus (.txt), or 'wikipedia' for the built-in sample")
+    p.add_argument("--task", help="task test set (.jsonl/.csv) for label accuracy and test PPL")
+    p.add_argument("--train-task", help="task train set: adds the generalisation gap PPL(test) - PPL(train)")
+    p.add_argument("--baseline", help="base model folder: adds its PPL and forgetting = PPL(model) - PPL(base)")
+    p.add_argument("--template", default=None, help="prompt template (default the tweet template)")
+    p.add_argument("--answer-field", default="label")
+    p.add_argument("--labels", help="comma-separated label set (default: the labels in --task)")
+    p.add_argument("--chunk-len", type=int, default=256)
+    p.add_argument("--max-chunks", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", "-o", help="write the JSON here (default: stdout)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a) -> int:
+    from ._io import atomic_write_json
+    from .data import DEFAULT_TEMPLATE, PromptTemplate, load_records, read_text
+    from .evaluate import evaluate
+    from .report import dumps_json
+    from .train import load_model
+
+    if not a.control and not a.task:
+        raise KappaTuneError("give --control and/or --task")
+    if a.train_task and not a.task:
+        raise KappaTuneError("--train-task needs --task")
+    tpl = PromptTemplate((a.template or DEFAULT_TEMPLATE).replace("\\n", "\n"), a.answer_field)
+    control = None
+    if a.control:
+        if a.control == "wikipedia":
+            from .data import wikipedia_text
+
+            control = wikipedia_text()
+        else:
+            control = read_text(a.control)
+    test = load_records(a.task) if a.task else None
+    train_rows = load_records(a.train_task) if a.train_task else None
+    for rows, path in ((test, a.task), (train_rows, a.train_task)):
+        if rows is not None:
+            tpl.check(rows, path)
+    labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
+    model, tok = load_model(a.model)
+    base = load_model(a.baseline)[0] if a.baseline else None
+    res = evaluate(model, tok, control_text=control, task_test=test, task_train=train_rows, template=tpl,
+                   labels=labels, baseline=base, chunk_len=a.chunk_len, max_chunks=a.max_chunks,
+                   batch_size=a.batch_size)
+    sys.stderr.write(render_eval(res))
+    if a.output:
+        atomic_write_json(a.output, res)
+    else:
+        sys.stdout.write(dumps_json(res))
+    return 0
+
+
+def render_eval(res: dict) -> str:
+    rows = []
+    if "control" in res:
+        rows.append(("control PPL", f"{res['control']['ppl']:.3f}  ({res['control']['chunks']} chunks x "
+                                    f"{res['control']['chunk_len']} tokens)"))
+    if "baseline_control" in res:
+        rows.append(("baseline control PPL", f"{res['baseline_control']['ppl']:.3f}"))
+        rows.append(("forgetting dPPL", f"{res['forgetting_dppl']:+.3f}"))
+    if "task_accuracy" in res:
+        rows.append(("task accuracy", f"{res['task_accuracy']['accuracy']:.4f}  (n={res['task_accuracy']['n']})"))
+    if "baseline_task_accuracy" in res:
+        rows.append(("baseline task accuracy", f"{res['baseline_task_accuracy']['accuracy']:.4f}"))
+    if "task_test_ppl" in res:
+        rows.append(("task test PPL", f"{res['task_test_ppl']['ppl']:.3f}"))
+    if "generalisation_gap" in res:
+        rows.append(("task train PPL", f"{res['task_train_ppl']['ppl']:.3f}"))
+        rows.append(("generalisation gap", f"{res['generalisation_gap']:+.3f}"))
+    w = max(len(k) for k, _ in rows)
+    return "".join(f"{k:<{w}}  {v}\n" for k, v in rows)
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="KappaTune vs LoRA on SmolLM2-135M, tweets and Wikipedia, offline")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--methods", default="kappatune,lora")
+    p.add_argument("--train-size", type=int, default=256)
+    p.add_argument("--test-size", type=int, default=150)
+    _add_train_options(p, demo=True)
+    p.add_argument("--max-chunks", type=int, default=16)
+    p.add_argument("--chunk-len", type=int, default=256)
+    p.add_argument("--output", "-o", default="runs/demo")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(a) -> int:
+    import contextlib
+
+    from .experiments import DemoConfig, markdown_table, run_demo
+
+    cfg = DemoConfig(model=a.model, methods=tuple(m for m in a.methods.split(",") if m), train_size=a.train_size,
+                     test_size=a.test_size, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+                     budget_params=a.budget_params, chunk_len=a.chunk_len, max_chunks=a.max_chunks, seed=a.seed,
+                     output=a.output, progress=not a.no_progress)
+    with contextlib.redirect_stdout(sys.stderr):
+        res = run_demo(cfg)
+    sys.stdout.write(markdown_table(res["table"]))
+    sys.stdout.write(f"\n({res['wall_s']:.0f} s in all; results in {a.output}/results.json)\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kappatune", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"kappatune {__version__}")
@@ -171,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_COMMANDS = [_add_scan, _add_show, _add_select]
+_COMMANDS = [_add_scan, _add_show, _add_select, _add_train, _add_eval, _add_demo]
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -1,0 +1,160 @@
+"""Evaluation: control perplexity and forgetting, label-token accuracy, generalisation gap.
+
+Perplexity of a control corpus
+    The text is tokenised once (no special tokens) and cut into consecutive, non-overlapping chunks of
+    ``chunk_len`` tokens; the last partial chunk is dropped and the first ``max_chunks`` chunks are used.
+    Each chunk is scored independently (no BOS, no context carried over): chunk_len - 1 predicted tokens
+    per chunk. PPL = exp(total NLL / total predicted tokens) (token-weighted). Forgetting = PPL(fine-tuned)
+    - PPL(base) on the very same chunks.
+
+Label-token accuracy (the paper's method)
+    For each example, every candidate label is scored by the log-probability of its tokens after the prompt
+    (sum over the label's tokens, so multi-token labels work); the prediction is the best-scoring label.
+
+Generalisation gap
+    PPL(task test) - PPL(task train), each over the fully formatted examples (prompt + answer + EOS).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .data import PromptTemplate, tokenize_examples
+from .errors import KappaTuneError
+
+
+def _pad_batch(seqs: list[list[int]], labels: list[list[int]], pad_id: int):
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), n), -100, dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(l)] = torch.tensor(l)
+        att[i, : len(s)] = 1
+    return ids, lab, att
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def token_nll(model, seqs: list[list[int]], labels: list[list[int]], *, pad_id: int = 0,
+              batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (sum of NLL over labelled tokens, number of labelled tokens); causal shift inside."""
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    sums, counts = [], []
+    try:
+        for i in range(0, len(seqs), batch_size):
+            ids, lab, att = _pad_batch(seqs[i:i + batch_size], labels[i:i + batch_size], pad_id)
+            ids, lab, att = ids.to(dev), lab.to(dev), att.to(dev)
+            logits = model(input_ids=ids, attention_mask=att).logits.float()
+            lp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
+            tgt = lab[:, 1:]
+            mask = tgt != -100
+            picked = lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            sums.append((-(picked * mask)).sum(1).double().cpu())
+            counts.append(mask.sum(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(sums), torch.cat(counts)
+
+
+def control_chunks(tokenizer, text: str, chunk_len: int = 256, max_chunks: int | None = 16) -> list[list[int]]:
+    if chunk_len < 2:
+        raise KappaTuneError("chunk_len must be at least 2")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // chunk_len
+    if n == 0:
+        raise KappaTuneError(f"the control text has {len(ids)} tokens, fewer than one chunk of {chunk_len}")
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    return [ids[i * chunk_len:(i + 1) * chunk_len] for i in range(n)]
+
+
+def perplexity(model, tokenizer, text: str | None = None, *, chunks: list[list[int]] | None = None,
+               chunk_len: int = 256, max_chunks: int | None = 16, batch_size: int = 4) -> dict:
+    if chunks is None:
+        chunks = control_chunks(tokenizer, text, chunk_len, max_chunks)
+    s, c = token_nll(model, chunks, chunks, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    nll = float(s.sum() / c.sum())
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": int(c.sum()), "chunks": len(chunks),
+            "chunk_len": len(chunks[0])}
+
+
+def _pad_id(tokenizer) -> int:
+    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def task_perplexity(model, tokenizer, rows: list[dict], template: PromptTemplate, *, max_length: int = 256,
+                    batch_size: int = 8) -> dict:
+    ex = tokenize_examples(rows, tokenizer, template, max_length=max_length, loss_on="all")
+    s, c = token_nll(model, [e["input_ids"] for e in ex], [e["labels"] for e in ex], pad_id=_pad_id(tokenizer),
+                     batch_size=batch_size)
+    nll = float(s.sum() / c.sum())
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": int(c.sum()), "examples": len(rows)}
+
+
+def label_accuracy(model, tokenizer, rows: list[dict], template: PromptTemplate,
+                   labels: Sequence[str] | None = None, *, batch_size: int = 16, max_length: int = 256) -> dict:
+    """Accuracy of choosing the label whose tokens are most likely after the prompt."""
+    labels = sorted({str(r[template.answer_field]) for r in rows}) if labels is None else list(labels)
+    if len(labels) < 2:
+        raise KappaTuneError(f"label accuracy needs at least two labels, got {labels}")
+    unknown = {str(r[template.answer_field]) for r in rows} - set(labels)
+    if unknown:
+        raise KappaTuneError(f"label {sorted(unknown)[0]!r} in the data is not among the labels {labels}")
+    seqs, labs = [], []
+    for r in rows:
+        p = tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"]
+        for lab in labels:
+            a = tokenizer(lab, add_special_tokens=False)["input_ids"]
+            p_cut = p[-(max_length - len(a)):]
+            seqs.append(p_cut + a)
+            labs.append([-100] * len(p_cut) + a)
+    s, _ = token_nll(model, seqs, labs, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    scores = (-s).view(len(rows), len(labels))  # log-probability of each label
+    pred = scores.argmax(1)  # first label wins ties (labels are in a fixed order)
+    gold = torch.tensor([labels.index(str(r[template.answer_field])) for r in rows])
+    acc = float((pred == gold).double().mean())
+    counts = {lab: int((pred == i).sum()) for i, lab in enumerate(labels)}
+    return {"accuracy": acc, "n": len(rows), "labels": labels, "predicted_counts": counts}
+
+
+def evaluate(model, tokenizer, *, control_text: str | None = None, task_test: list[dict] | None = None,
+             task_train: list[dict] | None = None, template: PromptTemplate | None = None,
+             labels: Sequence[str] | None = None, baseline=None, chunk_len: int = 256, max_chunks: int | None = 16,
+             batch_size: int = 8) -> dict:
+    """Everything at once; ``baseline`` (a model) adds its control PPL and the forgetting dPPL."""
+    out: dict = {}
+    if control_text is not None:
+        chunks = control_chunks(tokenizer, control_text, chunk_len, max_chunks)
+        out["control"] = perplexity(model, tokenizer, chunks=chunks, batch_size=batch_size)
+        if baseline is not None:
+            base = perplexity(baseline, tokenizer, chunks=chunks, batch_size=batch_size)
+            out["baseline_control"] = base
+            out["forgetting_dppl"] = out["control"]["ppl"] - base["ppl"]
+    if task_test is not None:
+        if template is None:
+            raise KappaTuneError("task evaluation needs a prompt template")
+        out["task_accuracy"] = label_accuracy(model, tokenizer, task_test, template, labels, batch_size=batch_size)
+        out["task_test_ppl"] = task_perplexity(model, tokenizer, task_test, template, batch_size=batch_size)
+        if baseline is not None:
+            out["baseline_task_accuracy"] = label_accuracy(baseline, tokenizer, task_test, template,
+                                                           out["task_accuracy"]["labels"], batch_size=batch_size)
+        if task_train is not None:
+            out["task_train_ppl"] = task_perplexity(model, tokenizer, task_train, template, batch_size=batch_size)
+            out["generalisation_gap"] = out["task_test_ppl"]["ppl"] - out["task_train_ppl"]["ppl"]
+    return out

@@ -1,0 +1,1 @@
+"""Bridges to the tools users already train with (HF Trainer, PEFT)."""

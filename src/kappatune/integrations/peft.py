@@ -1,0 +1,61 @@
+"""KappaTune-LoRA (paper section 4.3): LoRA adapters only on the lowest-kappa modules, rank raised so
+that the trainable-parameter count matches a budget.
+
+The target list is exact module names in ascending-kappa order (never a set), so the choice is
+reproducible.
+"""
+
+from __future__ import annotations
+
+from ..errors import KappaTuneError
+from ..report import KappaReport
+from ..select import select
+
+
+def kappatune_lora_config(report: KappaReport, *, budget_params: int, count: int | None = None,
+                          top_p: float = 0.2, alpha_ratio: float = 2.0, dropout: float = 0.0):
+    """A PEFT ``LoraConfig`` on the ``count`` (or ``top_p``) lowest-kappa Linear-like modules, with the rank
+    whose parameter count rank * sum(d_in + d_out) is closest to ``budget_params``. Returns (config, info)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise KappaTuneError("KappaTune-LoRA needs PEFT: pip install 'kappatune[peft]'") from None
+    from ..train import match_rank
+
+    slices = [u for u in report.units if u.is_slice]
+    candidates_exclude = [".*@.*"] if slices else None
+    sel = select(report, count=count, top_p=None if count else top_p, exclude=candidates_exclude,
+                 groups=None)
+    mods = [u for u in sel.units if u["layout"] in ("linear", "conv1d_hf")]
+    if not mods:
+        raise KappaTuneError("no Linear module among the lowest-kappa units")
+    per_rank = sum(u["shape"][0] + u["shape"][1] for u in mods)
+    r = match_rank(per_rank, budget_params)
+    names = [u["param"][: -len(".weight")] for u in mods]
+    cfg = LoraConfig(r=r, lora_alpha=alpha_ratio * r, lora_dropout=dropout, target_modules=names, bias="none",
+                     task_type="CAUSAL_LM")
+    info = {"rank": r, "modules": len(names), "target_modules": names, "expected_params": r * per_rank,
+            "skipped_expert_slices": len(slices)}
+    return cfg, info
+
+
+def kappatune_lora_model(model, report: KappaReport, cfg):
+    """The ``kappatune-lora`` training method: wrap ``model`` with PEFT per ``kappatune_lora_config``."""
+    from peft import get_peft_model
+
+    from ..apply import TrainableSummary
+    from ..train import Prepared
+
+    if cfg.budget_params is None:
+        raise KappaTuneError("kappatune-lora needs budget_params")
+    lcfg, info = kappatune_lora_config(report, budget_params=cfg.budget_params, count=cfg.lora_count,
+                                       alpha_ratio=cfg.lora_alpha_ratio, dropout=cfg.lora_dropout)
+    if cfg.lora_rank:
+        lcfg.r, lcfg.lora_alpha = cfg.lora_rank, cfg.lora_alpha_ratio * cfg.lora_rank
+        info["rank"] = cfg.lora_rank
+    pm = get_peft_model(model, lcfg)
+    tr = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in pm.parameters())
+    info["trainable_params"] = tr
+    return Prepared(pm, TrainableSummary(tr, total, [n for n, p in pm.named_parameters() if p.requires_grad]), None,
+                    info, is_peft=True)
