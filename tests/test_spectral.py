@@ -115,3 +115,40 @@ def test_deficit_grows_with_kappa_at_fixed_norm():
 def test_rejects_non_matrix():
     with pytest.raises(ValueError):
         spectrum(torch.randn(3, 3, 3))
+
+
+@pytest.mark.parametrize("kappa", [1.0, 1.5, 10.0, 1e3, 1e5, 1e6])
+@pytest.mark.parametrize("shape", [(200, 200), (180, 420), (420, 180)])
+def test_large_routes_match_float64_svd(kappa, shape):
+    """The Lanczos routes (p > DENSE_MAX_P) against numpy float64 SVD, including clustered extremes."""
+    p = min(shape)
+    g = np.random.default_rng(7)
+    svals = np.sort(np.exp(g.uniform(0, np.log(kappa), p)))[::-1].copy()
+    svals[0], svals[-1] = kappa, 1.0
+    svals[1:4] = kappa * (1 - 1e-7 * np.arange(1, 4))  # near-multiple largest values
+    svals[-4:-1] = 1.0 + 1e-7 * np.arange(3, 0, -1)     # near-multiple smallest values
+    w = _with_spectrum(*shape, np.sort(svals)[::-1] * 0.01, seed=int(kappa) % 97)
+    s = spectrum(torch.from_numpy(w))
+    ref = np_kappa(w)
+    assert abs(s.kappa - ref) / ref < 1e-6, (s.method, s.kappa, ref)
+    ref_lv = float(np.sum(np.log2(np.linalg.svd(w, compute_uv=False))))
+    assert s.log_volume == pytest.approx(ref_lv, abs=1e-6 * max(1.0, abs(ref_lv)))
+    if kappa <= 1e3:
+        assert s.method in ("gram-lanczos", "gram-eigh")
+    else:
+        assert s.method in ("qr-lanczos", "svd")
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (192, 576), (576, 192), (300, 1200)])
+def test_random_gaussian_large(shape):
+    """Marchenko-Pastur spectra: a soft lower edge with close eigenvalues, the hard case for Lanczos."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    s = spectrum(w)
+    ref = np_kappa(w.double().numpy())
+    assert abs(s.kappa - ref) / ref < 1e-6, (s.method, s.kappa, ref)
+
+
+def test_large_rank_deficient_is_singular():
+    a = torch.randn(300, 40, dtype=torch.float64) @ torch.randn(40, 250, dtype=torch.float64)
+    s = spectrum(a)
+    assert s.status == "singular" and s.kappa == math.inf

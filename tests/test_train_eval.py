@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 import kappatune
-from kappatune.apply import tensor_digest
+from kappatune.freeze import tensor_digest
 from kappatune.data import PromptTemplate, load_records, tokenize_examples
 from kappatune.errors import KappaTuneError
 from kappatune.evaluate import control_chunks, label_accuracy, perplexity

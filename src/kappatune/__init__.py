@@ -5,24 +5,27 @@ Public API (imported lazily so that ``kappatune --version`` stays fast)::
     report = kappatune.scan(model_or_path)
     selection = kappatune.select(report, budget_params=20_000_000)
     summary = kappatune.apply(model, selection)
+
+Module names differ from the function names on purpose (scanner.scan, policies.select, freeze.apply): a
+submodule named like a function would replace it as a package attribute once imported.
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "scan": ("scan", "scan"),
-    "select": ("select", "select"),
-    "apply": ("apply", "apply"),
-    "snapshot": ("apply", "snapshot"),
-    "changed": ("apply", "changed"),
-    "TrainableSummary": ("apply", "TrainableSummary"),
+    "scan": ("scanner", "scan"),
+    "select": ("policies", "select"),
+    "apply": ("freeze", "apply"),
+    "snapshot": ("freeze", "snapshot"),
+    "changed": ("freeze", "changed"),
+    "TrainableSummary": ("freeze", "TrainableSummary"),
     "KappaReport": ("report", "KappaReport"),
     "Selection": ("report", "Selection"),
     "UnitResult": ("report", "UnitResult"),
     "spectrum": ("spectral", "spectrum"),
     "Spectrum": ("spectral", "Spectrum"),
     "KappaTuneError": ("errors", "KappaTuneError"),
-    "parse_size": ("select", "parse_size"),
+    "parse_size": ("policies", "parse_size"),
 }
 
 __all__ = ["__version__", *_LAZY]

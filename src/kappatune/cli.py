@@ -38,7 +38,7 @@ def _add_scan(sub):
 
 def cmd_scan(a) -> int:
     from .report import dumps_json
-    from .scan import scan
+    from .scanner import scan
 
     rep = scan(a.path, embeddings=a.embeddings, include_routers=a.include_routers, cache=not a.no_cache,
                cache_dir=a.cache_dir, progress=not a.no_progress, input_var=a.input_var, exact=a.exact)
@@ -136,7 +136,7 @@ def _add_select(sub):
 def cmd_select(a) -> int:
     from ._io import atomic_write_json, atomic_write_text
     from .report import KappaReport, Selection, dumps_json
-    from .select import parse_size, select
+    from .policies import parse_size, select
 
     rep = KappaReport.load(a.report)
     like = Selection.load(a.like) if a.like else None
@@ -224,6 +224,10 @@ def cmd_train(a) -> int:
     rows = load_records(a.data)
     if raw and "text" not in rows[0]:
         raise KappaTuneError(f"{a.data}: no 'text' column")
+    if not raw:
+        from .data import PromptTemplate
+
+        PromptTemplate(cfg.template, cfg.answer_field).check(rows, a.data)  # before the model is loaded
     report = KappaReport.load(a.report) if a.report else None
     model, tok = load_model(a.model)
     if os.path.isdir(a.output) and os.path.exists(os.path.join(a.output, "model")) and \
@@ -278,6 +282,10 @@ def cmd_eval(a) -> int:
         if rows is not None:
             tpl.check(rows, path)
     labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
+    if labels and test is not None:  # check before the model is loaded
+        unknown = sorted({str(r[tpl.answer_field]) for r in test} - set(labels))
+        if unknown:
+            raise KappaTuneError(f"label {unknown[0]!r} in {a.task} is not among the labels {labels}")
     model, tok = load_model(a.model)
     base = load_model(a.baseline)[0] if a.baseline else None
     res = evaluate(model, tok, control_text=control, task_test=test, task_train=train_rows, template=tpl,
@@ -316,10 +324,10 @@ def _add_demo(sub):
     p = sub.add_parser("demo", help="KappaTune vs LoRA on SmolLM2-135M, tweets and Wikipedia, offline")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--methods", default="kappatune,lora")
-    p.add_argument("--train-size", type=int, default=256)
-    p.add_argument("--test-size", type=int, default=150)
+    p.add_argument("--train-size", type=int, default=192, help="training tweets (balanced classes)")
+    p.add_argument("--test-size", type=int, default=90, help="held-out tweets for label accuracy")
     _add_train_options(p, demo=True)
-    p.add_argument("--max-chunks", type=int, default=16)
+    p.add_argument("--max-chunks", type=int, default=8, help="Wikipedia control chunks")
     p.add_argument("--chunk-len", type=int, default=256)
     p.add_argument("--output", "-o", default="runs/demo")
     p.add_argument("--no-progress", action="store_true")

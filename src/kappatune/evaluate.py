@@ -52,6 +52,8 @@ def token_nll(model, seqs: list[list[int]], labels: list[list[int]], *, pad_id: 
     was_training = model.training
     model.eval()
     dev = _device(model)
+    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))  # similar lengths together: less padding
+    seqs, labels = [seqs[k] for k in order], [labels[k] for k in order]
     sums, counts = [], []
     try:
         for i in range(0, len(seqs), batch_size):
@@ -66,13 +68,46 @@ def token_nll(model, seqs: list[list[int]], labels: list[list[int]], *, pad_id: 
             counts.append(mask.sum(1).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(sums), torch.cat(counts)
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return torch.cat(sums)[inv], torch.cat(counts)[inv]
+
+
+@torch.no_grad()
+def _last_logprobs(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """log-softmax of the next-token distribution after each sequence: (N, V), float64."""
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
+    out = torch.empty(0)
+    rows = []
+    try:
+        for i in range(0, len(order), batch_size):
+            chunk = [seqs[k] for k in order[i:i + batch_size]]
+            ids, _, att = _pad_batch(chunk, chunk, pad_id)
+            logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
+            last = torch.tensor([len(c) - 1 for c in chunk], device=logits.device)
+            picked = logits[torch.arange(len(chunk), device=logits.device), last].double()
+            rows.append(torch.log_softmax(picked, -1).cpu())
+        out = torch.cat(rows)
+    finally:
+        model.train(was_training)
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return out[inv]
 
 
 def control_chunks(tokenizer, text: str, chunk_len: int = 256, max_chunks: int | None = 16) -> list[list[int]]:
     if chunk_len < 2:
         raise KappaTuneError("chunk_len must be at least 2")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    need = None if max_chunks is None else chunk_len * max_chunks
+    probe = len(text) if need is None else min(len(text), need * 8)  # tokenise a prefix when that suffices
+    while True:
+        ids = tokenizer(text[:probe], add_special_tokens=False)["input_ids"]
+        if need is None or len(ids) > need or probe >= len(text):
+            break
+        probe = min(len(text), probe * 2)
     n = len(ids) // chunk_len
     if n == 0:
         raise KappaTuneError(f"the control text has {len(ids)} tokens, fewer than one chunk of {chunk_len}")
@@ -116,16 +151,29 @@ def label_accuracy(model, tokenizer, rows: list[dict], template: PromptTemplate,
     unknown = {str(r[template.answer_field]) for r in rows} - set(labels)
     if unknown:
         raise KappaTuneError(f"label {sorted(unknown)[0]!r} in the data is not among the labels {labels}")
-    seqs, labs = [], []
-    for r in rows:
-        p = tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"]
-        for lab in labels:
-            a = tokenizer(lab, add_special_tokens=False)["input_ids"]
-            p_cut = p[-(max_length - len(a)):]
-            seqs.append(p_cut + a)
-            labs.append([-100] * len(p_cut) + a)
-    s, _ = token_nll(model, seqs, labs, pad_id=_pad_id(tokenizer), batch_size=batch_size)
-    scores = (-s).view(len(rows), len(labels))  # log-probability of each label
+    lab_ids = [tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
+    if any(not ids for ids in lab_ids):
+        raise KappaTuneError("a label tokenises to nothing")
+    single = [i for i, ids in enumerate(lab_ids) if len(ids) == 1]
+    multi = [i for i, ids in enumerate(lab_ids) if len(ids) > 1]
+    scores = torch.empty(len(rows), len(labels), dtype=torch.float64)
+    prompts = [tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"] for r in rows]
+    if single:
+        # One forward per prompt scores every single-token label at once (log-softmax at the prompt's end).
+        cut = [p[-max_length:] for p in prompts]
+        last = _last_logprobs(model, cut, _pad_id(tokenizer), batch_size)  # (N, V)
+        for i in single:
+            scores[:, i] = last[:, lab_ids[i][0]]
+    if multi:
+        seqs, labs = [], []
+        for p in prompts:
+            for i in multi:
+                a = lab_ids[i]
+                p_cut = p[-(max_length - len(a)):]
+                seqs.append(p_cut + a)
+                labs.append([-100] * len(p_cut) + a)
+        s, _ = token_nll(model, seqs, labs, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+        scores[:, multi] = (-s).view(len(rows), len(multi))
     pred = scores.argmax(1)  # first label wins ties (labels are in a fixed order)
     gold = torch.tensor([labels.index(str(r[template.answer_field])) for r in rows])
     acc = float((pred == gold).double().mean())

@@ -20,14 +20,14 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     model: str = "smollm2"              # 'smollm2' (built-in, offline) or a local model folder
     methods: tuple[str, ...] = ("kappatune", "lora")
-    train_size: int = 256
-    test_size: int = 150
+    train_size: int = 192
+    test_size: int = 90
     epochs: float = 2.0
     lr: float = 1e-3
     batch_size: int = 8
     budget_params: str | int = "2M"
     chunk_len: int = 256
-    max_chunks: int = 16
+    max_chunks: int = 8
     seed: int = 0
     output: str = "runs/demo"
     progress: bool = True
@@ -59,7 +59,7 @@ def markdown_table(rows: list[dict]) -> str:
         for c in cols:
             v = r.get(c, "")
             if isinstance(v, float):
-                v = f"{v:.3f}" if c != "control_ppl" else f"{v:.2f}"
+                v = {"control_ppl": f"{v:.2f}", "train_s": f"{v:.0f}"}.get(c, f"{v:.3f}")
             elif isinstance(v, int) and c == "trainable_params":
                 v = f"{v:,}"
             cells.append(str(v))
@@ -71,7 +71,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Scan, select, fine-tune and evaluate; returns (and writes) the side-by-side results."""
     from .data import demo_tweets, wikipedia_text
     from .evaluate import control_chunks, label_accuracy, perplexity
-    from .scan import scan
+    from .scanner import scan
     from .train import TrainConfig, load_model, train
 
     t_all = time.perf_counter()

@@ -4,11 +4,14 @@ Everything is computed in float64 whatever the stored dtype (bf16/fp16/fp32 valu
 
 Routes (the one used is recorded per unit as ``method``):
 
-* ``gram-eigh``: Gram matrix of the short side in float64, then ``eigvalsh``. The Gram squares kappa,
-  so the relative error of sigma_min grows like eps64 * kappa**2 / 2; we trust it only while
-  kappa <= GRAM_TRUSTED_KAPPA (1e4 -> error ~1e-8).
-* ``svd``: float64 ``svdvals`` of the matrix (exact LAPACK route), used for everything the Gram route
-  cannot resolve (kappa above the trust limit, a non-positive smallest eigenvalue).
+* ``gram-eigh`` / ``gram-lanczos``: Gram matrix of the short side in float64; small ones get a dense
+  ``eigvalsh``, larger ones a Cholesky factor (the log-volume is the log of its diagonal) and Lanczos for
+  the two extreme eigenvalues (of G, and of G^-1 through Cholesky solves): only those two are needed.
+  The Gram squares kappa, so the relative error of sigma_min grows like eps64 * kappa**2 / 2; we trust it
+  only while kappa <= GRAM_TRUSTED_KAPPA (1e4 -> error ~1e-8).
+* ``qr-lanczos``: R of a Householder QR of the matrix (backward stable: error ~ eps64 * kappa), then the
+  same Lanczos on R^T R and its inverse; for what the Gram cannot resolve.
+* ``svd``: float64 ``svdvals`` (LAPACK), the last resort and the ``exact=True`` route.
 
 Entropy figures follow the paper (eq. 6, Theorem 1) with base-2 logarithms and a spherical Gaussian
 input of variance ``input_var``:
@@ -63,8 +66,116 @@ def _figures(sv_log2_sum: float, s_max: float, s_min: float, fro_sq: float, p: i
                     max(entropy_max - entropy, 0.0), fro_sq, "ok", method)
 
 
+#: Below this short side a dense ``eigvalsh`` of the Gram is cheaper than Lanczos' Python loop.
+DENSE_MAX_P = 160
+#: Relative residual at which a Lanczos Ritz value is accepted (bounds the eigenvalue's relative error).
+LANCZOS_TOL = 1e-11
+
+
+#: Lanczos steps before giving up on a poorly separated spectrum (the dense eigensolver takes over).
+LANCZOS_MAX_ITER = 64
+
+
+def _lanczos_max(matvec, p: int, *, tol: float = LANCZOS_TOL, max_iter: int = LANCZOS_MAX_ITER,
+                 seed: int = 0) -> float | None:
+    """Largest eigenvalue of a symmetric positive semi-definite operator of size p (Lanczos, full
+    reorthogonalisation, float64). None if it did not converge within max_iter steps (caller falls back)."""
+    max_iter = min(max_iter, p)
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.empty(max_iter + 1, p, dtype=torch.float64)  # (k, p) Lanczos basis
+    q = torch.randn(p, generator=g, dtype=torch.float64)
+    Q[0] = q / q.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta = None
+    for j in range(max_iter):
+        w = matvec(Q[j])
+        a = float(w @ Q[j])
+        # full reorthogonalisation, twice ("twice is enough"): keeps the Ritz values clean
+        basis = Q[: j + 1]
+        w = w - basis.T @ (basis @ w)
+        w = w - basis.T @ (basis @ w)
+        b = float(w.norm())
+        alphas.append(a)
+        betas.append(b)
+        k = j + 1
+        if k >= 8 and (k % 4 == 0 or k == max_iter) or b <= 1e-300:
+            t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            if k > 1:
+                off = torch.tensor(betas[:-1], dtype=torch.float64)
+                t = t + torch.diag(off, 1) + torch.diag(off, -1)
+            evals, evecs = torch.linalg.eigh(t)
+            theta = float(evals[-1])
+            resid = abs(b * float(evecs[-1, -1]))
+            if not math.isfinite(theta):
+                return None
+            if resid <= tol * abs(theta) or b <= 1e-300 or k == p:
+                return theta
+        if b <= 1e-300:
+            break
+        Q[k] = w / b
+    return None
+
+
+def _extremes_gram(a: torch.Tensor) -> tuple[float, float, float, str] | None:
+    """(sigma_max, sigma_min, sum log2 sigma) from the float64 Gram of the short side, or None when the Gram
+    cannot resolve the matrix (Cholesky fails, or kappa beyond GRAM_TRUSTED_KAPPA)."""
+    p = a.shape[0]
+    g = a @ a.T  # (p, p)
+
+    def dense():
+        lam = torch.linalg.eigvalsh(g)
+        lo, hi = float(lam[0]), float(lam[-1])
+        if hi == 0.0:
+            return 0.0, 0.0, -math.inf, "gram-eigh"
+        if lo <= 0.0 or hi > lo * GRAM_TRUSTED_KAPPA ** 2:
+            return None
+        return math.sqrt(hi), math.sqrt(lo), 0.5 * float(torch.log2(lam).sum()), "gram-eigh"
+
+    if p <= DENSE_MAX_P:
+        return dense()
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) != 0:
+        return None
+    log2_sum = float(torch.log2(torch.diagonal(chol)).sum())  # det G = prod diag(L)^2 = prod sigma^2
+    hi = _lanczos_max(lambda x: g @ x, p)
+    inv_hi = _lanczos_max(lambda x: torch.cholesky_solve(x[:, None], chol)[:, 0], p) if hi is not None else None
+    if hi is None or inv_hi is None or inv_hi <= 0:
+        return dense()  # Lanczos did not converge fast (clustered extremes): the dense solver is exact
+    lo = 1.0 / inv_hi
+    if hi > lo * GRAM_TRUSTED_KAPPA ** 2:
+        return None
+    return math.sqrt(hi), math.sqrt(lo), log2_sum, "gram-lanczos"
+
+
+def _extremes_qr(a: torch.Tensor) -> tuple[float, float, float, str] | None:
+    """Same from R of a Householder QR of the tall orientation: backward stable, so sigma_min keeps a
+    relative error ~ eps * kappa (not eps * kappa^2 as through the Gram)."""
+    p = a.shape[0]
+    r = torch.linalg.qr(a.T, mode="r").R  # (p, p) upper triangular, a a^T = R^T R
+    d = torch.diagonal(r).abs()
+    if float(d.min()) == 0.0:
+        return None
+    log2_sum = float(torch.log2(d).sum())
+    hi = _lanczos_max(lambda x: r.T @ (r @ x), p)
+
+    def inv(x):
+        y = torch.linalg.solve_triangular(r.T, x[:, None], upper=False)
+        return torch.linalg.solve_triangular(r, y, upper=True)[:, 0]
+
+    inv_hi = _lanczos_max(inv, p) if hi is not None else None
+    if hi is None or inv_hi is None or not math.isfinite(inv_hi) or inv_hi <= 0:
+        return None
+    return math.sqrt(hi), math.sqrt(1.0 / inv_hi), log2_sum, "qr-lanczos"
+
+
 def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = False) -> Spectrum:
-    """Spectral figures of a 2-D matrix ``w`` (any float dtype, any device), computed in float64."""
+    """Spectral figures of a 2-D matrix ``w`` (any float dtype, any device), computed in float64.
+
+    Routes, cheapest first: float64 Gram of the short side (dense ``eigvalsh`` when small, else Cholesky for
+    the log-volume + Lanczos for the two extreme eigenvalues), trusted up to kappa = 1e4; then Householder
+    QR + Lanczos (relative error ~eps*kappa); then float64 ``svdvals``. ``force_exact`` uses svdvals only.
+    """
     if w.dim() != 2:
         raise ValueError(f"spectrum() needs a 2-D matrix, got shape {tuple(w.shape)}")
     m, n = w.shape
@@ -75,20 +186,18 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
     if not bool(torch.isfinite(a).all()):
         nan = math.nan
         return Spectrum(nan, nan, nan, nan, nan, nan, nan, nan, "nonfinite", "none")
-    # Work on the short side: (p, p) Gram, and svdvals of the wide orientation is 2-3x slower in torch.
     if m > n:
-        a = a.T  # (p, q) with p <= q
+        a = a.T  # (p, q), p <= q: work on the short side
     fro_sq = float(torch.sum(a * a))
+    if fro_sq == 0.0:
+        return _figures(-math.inf, 0.0, 0.0, 0.0, p, m, n, input_var, "none")
     if not force_exact:
-        g = a @ a.T  # (p, p), symmetric positive semi-definite
-        lam = torch.linalg.eigvalsh(g)  # ascending
-        lam_min, lam_max = float(lam[0]), float(lam[-1])
-        if lam_max == 0.0:
-            return _figures(-math.inf, 0.0, 0.0, fro_sq, p, m, n, input_var, "gram-eigh")
-        if lam_min > 0.0 and lam_max <= lam_min * GRAM_TRUSTED_KAPPA**2:
-            log2_sum = 0.5 * float(torch.sum(torch.log2(lam)))
-            return _figures(log2_sum, math.sqrt(lam_max), math.sqrt(lam_min), fro_sq, p, m, n, input_var,
-                            "gram-eigh")
+        got = _extremes_gram(a)
+        if got is None and p > DENSE_MAX_P:
+            got = _extremes_qr(a)
+        if got is not None:
+            s_max, s_min, log2_sum, method = got
+            return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, method)
     s = torch.linalg.svdvals(a)  # descending, float64
     s_max, s_min = float(s[0]), float(s[-1])
     log2_sum = float(torch.sum(torch.log2(s))) if s_min > 0 else -math.inf

@@ -33,11 +33,11 @@ from typing import Callable
 import torch
 
 from ._io import atomic_write_json
-from .apply import TrainableSummary, apply, tensor_digest
+from .freeze import TrainableSummary, apply, tensor_digest
 from .data import DEFAULT_TEMPLATE, PadCollator, PromptTemplate, load_records, tokenize_examples
 from .errors import KappaTuneError
 from .report import KappaReport, Selection
-from .select import parse_size, select
+from .policies import parse_size, select
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     def get_report():
         nonlocal report
         if report is None:
-            from .scan import scan
+            from .scanner import scan
 
             report = scan(model, progress=cfg.progress)
         return report

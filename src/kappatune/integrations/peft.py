@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import KappaTuneError
 from ..report import KappaReport
-from ..select import select
+from ..policies import select
 
 
 def kappatune_lora_config(report: KappaReport, *, budget_params: int, count: int | None = None,
@@ -43,7 +43,7 @@ def kappatune_lora_model(model, report: KappaReport, cfg):
     """The ``kappatune-lora`` training method: wrap ``model`` with PEFT per ``kappatune_lora_config``."""
     from peft import get_peft_model
 
-    from ..apply import TrainableSummary
+    from ..freeze import TrainableSummary
     from ..train import Prepared
 
     if cfg.budget_params is None:

@@ -16,7 +16,7 @@ import signal
 
 from transformers import TrainerCallback
 
-from ..apply import TrainableSummary, apply, changed, snapshot
+from ..freeze import TrainableSummary, apply, changed, snapshot
 from ..errors import KappaTuneError
 from ..report import Selection
 

