@@ -81,7 +81,7 @@ def _lanczos_max(matvec, p: int, *, tol: float = LANCZOS_TOL, max_iter: int = LA
                  seed: int = 0) -> float | None:
     """Largest eigenvalue of a symmetric positive semi-definite operator of size p (Lanczos, full
     reorthogonalisation, float64). None if it did not converge within max_iter steps (caller falls back)."""
-    max_iter = min(max_iter, p)
+    max_iter = min(p, max(max_iter, p // 4))  # wide, soft-edged spectra (random-like weights) need more
     g = torch.Generator().manual_seed(seed)
     Q = torch.empty(max_iter + 1, p, dtype=torch.float64)  # (k, p) Lanczos basis
     q = torch.randn(p, generator=g, dtype=torch.float64)
@@ -100,7 +100,7 @@ def _lanczos_max(matvec, p: int, *, tol: float = LANCZOS_TOL, max_iter: int = LA
         alphas.append(a)
         betas.append(b)
         k = j + 1
-        if k >= 8 and (k % 4 == 0 or k == max_iter) or b <= 1e-300:
+        if k >= 8 and (k % (4 if k <= 32 else 8) == 0 or k == max_iter) or b <= 1e-300:
             t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
             if k > 1:
                 off = torch.tensor(betas[:-1], dtype=torch.float64)
@@ -118,26 +118,26 @@ def _lanczos_max(matvec, p: int, *, tol: float = LANCZOS_TOL, max_iter: int = LA
     return None
 
 
-def _extremes_gram(a: torch.Tensor) -> tuple[float, float, float, str] | None:
-    """(sigma_max, sigma_min, sum log2 sigma) from the float64 Gram of the short side, or None when the Gram
-    cannot resolve the matrix (Cholesky fails, or kappa beyond GRAM_TRUSTED_KAPPA)."""
+def _extremes_gram(a: torch.Tensor) -> tuple[tuple[float, float, float, str] | None, float | None]:
+    """((sigma_max, sigma_min, sum log2 sigma, method) or None, sigma_max or None) from the float64 Gram of
+    the short side. The first item is None when the Gram cannot resolve the matrix (Cholesky fails, or kappa
+    beyond GRAM_TRUSTED_KAPPA); sigma_max (accurate to ~eps relative through the Gram) is still returned
+    when it was found, for the QR route to reuse."""
     p = a.shape[0]
     g = a @ a.T  # (p, p)
 
     def dense():
         lam = torch.linalg.eigvalsh(g)
         lo, hi = float(lam[0]), float(lam[-1])
-        if hi == 0.0:
-            return 0.0, 0.0, -math.inf, "gram-eigh"
         if lo <= 0.0 or hi > lo * GRAM_TRUSTED_KAPPA ** 2:
-            return None
-        return math.sqrt(hi), math.sqrt(lo), 0.5 * float(torch.log2(lam).sum()), "gram-eigh"
+            return None, math.sqrt(max(hi, 0.0))
+        return (math.sqrt(hi), math.sqrt(lo), 0.5 * float(torch.log2(lam).sum()), "gram-eigh"), math.sqrt(hi)
 
     if p <= DENSE_MAX_P:
         return dense()
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0:
-        return None
+        return None, None
     log2_sum = float(torch.log2(torch.diagonal(chol)).sum())  # det G = prod diag(L)^2 = prod sigma^2
     hi = _lanczos_max(lambda x: g @ x, p)
     inv_hi = _lanczos_max(lambda x: torch.cholesky_solve(x[:, None], chol)[:, 0], p) if hi is not None else None
@@ -145,11 +145,11 @@ def _extremes_gram(a: torch.Tensor) -> tuple[float, float, float, str] | None:
         return dense()  # Lanczos did not converge fast (clustered extremes): the dense solver is exact
     lo = 1.0 / inv_hi
     if hi > lo * GRAM_TRUSTED_KAPPA ** 2:
-        return None
-    return math.sqrt(hi), math.sqrt(lo), log2_sum, "gram-lanczos"
+        return None, math.sqrt(hi)
+    return (math.sqrt(hi), math.sqrt(lo), log2_sum, "gram-lanczos"), math.sqrt(hi)
 
 
-def _extremes_qr(a: torch.Tensor) -> tuple[float, float, float, str] | None:
+def _extremes_qr(a: torch.Tensor, s_max: float | None = None) -> tuple[float, float, float, str] | None:
     """Same from R of a Householder QR of the tall orientation: backward stable, so sigma_min keeps a
     relative error ~ eps * kappa (not eps * kappa^2 as through the Gram)."""
     p = a.shape[0]
@@ -158,7 +158,7 @@ def _extremes_qr(a: torch.Tensor) -> tuple[float, float, float, str] | None:
     if float(d.min()) == 0.0:
         return None
     log2_sum = float(torch.log2(d).sum())
-    hi = _lanczos_max(lambda x: r.T @ (r @ x), p)
+    hi = s_max ** 2 if s_max else _lanczos_max(lambda x: r.T @ (r @ x), p)
 
     def inv(x):
         y = torch.linalg.solve_triangular(r.T, x[:, None], upper=False)
@@ -214,9 +214,9 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
     if fro_sq == 0.0:
         return _figures(-math.inf, 0.0, 0.0, 0.0, p, m, n, input_var, "none")
     if not force_exact:
-        got = _extremes_gram(a)
+        got, s_max_gram = _extremes_gram(a)
         if got is None and p > DENSE_MAX_P:
-            got = _extremes_qr(a)
+            got = _extremes_qr(a, s_max_gram)
         if got is not None:
             s_max, s_min, log2_sum, method = got
             return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, method)
