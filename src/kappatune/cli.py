@@ -350,6 +350,43 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="every method x seed at a matched budget: table (md/csv/json) + plots")
+    p.add_argument("model", help="local model folder, or 'smollm2'")
+    p.add_argument("--train", help="task train file (default: the built-in tweets)")
+    p.add_argument("--test", help="task test file (default: the built-in tweets)")
+    p.add_argument("--control", default="wikipedia", help="control text file, or 'wikipedia'")
+    p.add_argument("--methods", default="kappatune,lora,kappatune-lora,highest-kappa,random,random-same-kind")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--train-size", type=int, default=192)
+    p.add_argument("--test-size", type=int, default=90)
+    _add_train_options(p, demo=True)
+    p.add_argument("--target-loss", type=float, help="stop each run once its logged training loss reaches this")
+    p.add_argument("--max-chunks", type=int, default=8)
+    p.add_argument("--chunk-len", type=int, default=256)
+    p.add_argument("--template", help="prompt template (default the tweet template)")
+    p.add_argument("--output", "-o", default="runs/compare")
+    p.add_argument("--no-isolate", action="store_true", help="run in this process (peak memory is then cumulative)")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(a) -> int:
+    import contextlib
+
+    from .experiments import CompareConfig, compare_tables, run_compare
+
+    cfg = CompareConfig(model=a.model, methods=tuple(m for m in a.methods.split(",") if m), seeds=a.seeds,
+                        budget_params=a.budget_params, train=a.train, test=a.test, control=a.control,
+                        train_size=a.train_size, test_size=a.test_size, epochs=a.epochs, lr=a.lr,
+                        batch_size=a.batch_size, target_loss=a.target_loss, chunk_len=a.chunk_len,
+                        max_chunks=a.max_chunks, output=a.output, isolate=not a.no_isolate,
+                        template=a.template.replace("\\n", "\n") if a.template else None)
+    with contextlib.redirect_stdout(sys.stderr):
+        out = run_compare(cfg)
+    sys.stdout.write(compare_tables(out["aggregate"])[0])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kappatune", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"kappatune {__version__}")
@@ -360,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_COMMANDS = [_add_scan, _add_show, _add_select, _add_train, _add_eval, _add_demo]
+_COMMANDS = [_add_scan, _add_show, _add_select, _add_train, _add_eval, _add_demo, _add_compare]
 
 
 def _configure_logging(verbose: bool) -> None:
