@@ -80,7 +80,7 @@ class _Cache:
 
 def scan(source, *, embeddings: bool = False, include_routers: bool = False, cache: bool = True,
          cache_dir: str | None = None, progress: bool = False, input_var: float = 1.0,
-         exact: bool = False, workers: int | None = None) -> KappaReport:
+         exact: bool = False, workers: int | None = None, memory_budget: int | None = None) -> KappaReport:
     """Spectra of every eligible unit of ``source`` (an ``nn.Module`` or a path).
 
     Args:
@@ -92,6 +92,8 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
         input_var: input variance sigma_x^2 of the Gaussian-entropy figures (eq. 6).
         exact: skip the Gram route and use float64 svdvals for every unit.
         workers: parallel single-BLAS-thread workers (default: the number of CPU cores, at most 8).
+        memory_budget: bytes of tensors and float64 work arrays allowed in flight across workers (default:
+            3x the largest source tensor, at least 256 MB); larger tensors are then scanned one at a time.
     """
     if input_var <= 0:
         raise KappaTuneError(f"input_var must be > 0, got {input_var}")
@@ -139,6 +141,8 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
         return out, n_hit
 
     n_workers = _workers(workers, len(by_source))
+    ents = {e.source: e for e in src.entries()}
+    src_bytes = {k: _numel(ents[k].shape) * _itemsize(ents[k].dtype) for k in by_source if k in ents}
     old_threads = torch.get_num_threads()
     try:
         if n_workers == 1:
@@ -150,25 +154,32 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
                 bar.update(len(res))
         else:
             # Threads with one BLAS thread each: the LAPACK/BLAS calls release the GIL, and two single-thread
-            # streams beat one two-thread stream on these mid-sized matrices. At most 2 tensors per worker
-            # are in flight, so memory stays near the largest tensors, not the model; reading overlaps compute.
+            # streams beat one two-thread stream on these mid-sized matrices. One source tensor per worker is
+            # in flight, so memory stays near the largest tensors, not the model; one worker reads while the
+            # other computes.
             from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
             torch.set_num_threads(1)
             keys = list(by_source)
+            cost = {k: _task_bytes(by_source[k], src_bytes.get(k, 0)) for k in keys}
+            budget = memory_budget if memory_budget is not None else max(3 * max(src_bytes.values() or [0]),
+                                                                          256 << 20)
             with ThreadPoolExecutor(max_workers=n_workers) as pool:
-                pending = set()
+                pending: dict = {}
                 it = iter(keys)
+                nxt = next(it, None)
                 while True:
-                    while len(pending) < 2 * n_workers:
-                        k = next(it, None)
-                        if k is None:
-                            break
-                        pending.add(pool.submit(work, k))
+                    # Start tasks while a worker is free and the estimated bytes in flight fit the budget
+                    # (at least one task always runs): big tensors are then scanned one at a time.
+                    while nxt is not None and len(pending) < n_workers and \
+                            (not pending or sum(pending.values()) + cost[nxt] <= budget):
+                        pending[pool.submit(work, nxt)] = cost[nxt]
+                        nxt = next(it, None)
                     if not pending:
                         break
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    done, _ = wait(set(pending), return_when=FIRST_COMPLETED)
                     for f in done:
+                        del pending[f]
                         res, n_hit = f.result()
                         hits += n_hit
                         for r in res:
@@ -186,6 +197,27 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
     return KappaReport(units=units, skipped=skipped, source=src.describe(), options=options,
                        structure_fingerprint=fp, content_fingerprint=ch, elapsed_s=time.perf_counter() - t0,
                        cache_hits=hits)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    try:
+        return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    except (AttributeError, TypeError):
+        return 4
+
+
+def _task_bytes(specs: list[UnitSpec], source_bytes: int) -> int:
+    """Rough peak bytes of scanning one source tensor: the tensor, plus per unit its float64 Gram and Cholesky
+    factor and one column block of the upcast."""
+    work = max((16 * min(s.shape) ** 2 + 8 * min(s.numel, 1 << 21) for s in specs), default=0)
+    return source_bytes + work
 
 
 def _workers(requested: int | None, n_tasks: int) -> int:

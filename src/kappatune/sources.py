@@ -69,13 +69,16 @@ def _read_json(path: str) -> dict:
 
 
 class SafetensorsSource(Source):
-    """A .safetensors file, or a folder with model.safetensors or a sharded index. Memory-mapped reads."""
+    """A .safetensors file, or a folder with model.safetensors or a sharded index.
+
+    The header is parsed here and each tensor is read with a plain positioned read into fresh memory: no
+    memory map, so pages of tensors already scanned do not stay in the process's resident set, and a scan's
+    peak memory follows the tensors in flight, not the checkpoint.
+    """
 
     kind = "safetensors"
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-
         self.path = path
         if os.path.isdir(path):
             index = os.path.join(path, "model.safetensors.index.json")
@@ -90,48 +93,92 @@ class SafetensorsSource(Source):
                     raise KappaTuneError(f"{path}: no .safetensors file in this folder")
             files = [os.path.join(path, f) for f in files]
             cfg_path = os.path.join(path, "config.json")
-            self.config = _read_json(cfg_path) if os.path.exists(cfg_path) else None
         else:
             files = [path]
             cfg_path = os.path.join(os.path.dirname(path) or ".", "config.json")
-            self.config = _read_json(cfg_path) if os.path.exists(cfg_path) else None
+        self.config = _read_json(cfg_path) if os.path.exists(cfg_path) else None
         self.model_type = (self.config or {}).get("model_type")
         self.files = files
-        self._handles = {}
-        self._where: dict[str, str] = {}
+        self._where: dict[str, tuple[str, int, int, torch.dtype, tuple[int, ...]]] = {}
         self._meta: dict[str, Entry] = {}
         for f in files:
             if not os.path.exists(f):
                 raise KappaTuneError(f"{f}: shard listed in the index is missing")
-            try:
-                h = safe_open(f, framework="pt")
-                keys = list(h.keys())
-                for k in keys:
-                    sl = h.get_slice(k)
-                    shape = tuple(int(s) for s in sl.get_shape())
-                    dtype = str(sl.get_dtype()).lower()
-                    self._meta[k] = Entry(k, shape, _st_dtype(dtype))
-                    self._where[k] = f
-            except KappaTuneError:
-                raise
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise KappaTuneError(f"{f}: not a valid safetensors file ({_one_line(e)})") from None
-            self._handles[f] = h
+            for k, (start, stop, dtype, shape, dname) in _read_safetensors_header(f).items():
+                self._meta[k] = Entry(k, shape, dname)
+                self._where[k] = (f, start, stop, dtype, shape)
 
     def entries(self) -> list[Entry]:
         return [self._meta[k] for k in sorted(self._meta)]
 
     def load(self, name: str) -> torch.Tensor:
-        f = self._where[name]
+        f, start, stop, dtype, shape = self._where[name]
+        buf = torch.empty(stop - start, dtype=torch.uint8)
         try:
-            return self._handles[f].get_tensor(name)
-        except Exception as e:
-            raise KappaTuneError(f"{f}: cannot read tensor {name!r} ({_one_line(e)}); the file may be truncated") \
-                from None
+            with open(f, "rb") as fh:
+                fh.seek(start)
+                got = fh.readinto(memoryview(buf.numpy()))
+        except OSError as e:
+            raise KappaTuneError(f"{f}: cannot read tensor {name!r} ({e})") from None
+        if got != stop - start:
+            raise KappaTuneError(f"{f}: tensor {name!r} is cut short; the file is truncated")
+        return buf.view(dtype).reshape(shape)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": os.path.abspath(self.path), "files": len(self.files),
                 "model_type": self.model_type}
+
+
+_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_safetensors_header(f: str) -> dict:
+    """{name: (absolute start, stop, torch dtype, shape, dtype name)}; every inconsistency is a clear error."""
+    import struct
+
+    size = os.path.getsize(f)
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise KappaTuneError(f"{f}: not a valid safetensors file (shorter than its 8-byte header size)")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or 8 + n > size or n > 100_000_000:
+                raise KappaTuneError(f"{f}: not a valid safetensors file (header size {n} does not fit the file)")
+            raw = fh.read(n)
+    except OSError as e:
+        raise KappaTuneError(f"{f}: cannot read ({e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise KappaTuneError(f"{f}: not a valid safetensors file (the header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise KappaTuneError(f"{f}: not a valid safetensors file (the header is not a JSON object)")
+    data_start = 8 + n
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            dname = v["dtype"]
+            shape = tuple(int(x) for x in v["shape"])
+            b, e = (int(x) for x in v["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise KappaTuneError(f"{f}: not a valid safetensors file (bad entry for {k!r})") from None
+        dtype = _ST_TORCH.get(dname)
+        if dtype is None:
+            raise KappaTuneError(f"{f}: tensor {k!r} has an unsupported dtype {dname}")
+        numel = 1
+        for x in shape:
+            numel *= x
+        if e - b != numel * torch.empty(0, dtype=dtype).element_size() or b < 0:
+            raise KappaTuneError(f"{f}: not a valid safetensors file (tensor {k!r} has inconsistent offsets)")
+        if data_start + e > size:
+            raise KappaTuneError(f"{f}: the file is truncated (tensor {k!r} ends past the end of the file)")
+        out[k] = (data_start + b, data_start + e, dtype, shape, _st_dtype(dname))
+    return out
 
 
 _ST_DTYPES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f8_e4m3": "float8_e4m3fn",

@@ -118,13 +118,12 @@ def _lanczos_max(matvec, p: int, *, tol: float = LANCZOS_TOL, max_iter: int = LA
     return None
 
 
-def _extremes_gram(a: torch.Tensor) -> tuple[tuple[float, float, float, str] | None, float | None]:
+def _extremes_gram(g: torch.Tensor) -> tuple[tuple[float, float, float, str] | None, float | None]:
     """((sigma_max, sigma_min, sum log2 sigma, method) or None, sigma_max or None) from the float64 Gram of
     the short side. The first item is None when the Gram cannot resolve the matrix (Cholesky fails, or kappa
     beyond GRAM_TRUSTED_KAPPA); sigma_max (accurate to ~eps relative through the Gram) is still returned
     when it was found, for the QR route to reuse."""
-    p = a.shape[0]
-    g = a @ a.T  # (p, p)
+    p = g.shape[0]
 
     def dense():
         lam = torch.linalg.eigvalsh(g)
@@ -171,6 +170,33 @@ def _extremes_qr(a: torch.Tensor, s_max: float | None = None) -> tuple[float, fl
 
 
 _tls = threading.local()
+#: Float64 elements per column block when accumulating the Gram (16 MB): memory stays near the Gram itself.
+GRAM_BLOCK_ELEMS = 1 << 21
+
+
+def _buffer(n: int) -> torch.Tensor:
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.float64)
+        _tls.buf = buf
+    return buf[:n]
+
+
+def gram64(a: torch.Tensor) -> torch.Tensor:
+    """float64 ``a @ a.T`` of a (p, q) matrix of any float dtype, upcast one column block at a time into a
+    reused buffer (never a full float64 copy of ``a``)."""
+    p, q = a.shape
+    g = torch.zeros(p, p, dtype=torch.float64, device=a.device)
+    if a.dtype == torch.float64 or a.device.type != "cpu":
+        a64 = a.to(torch.float64)
+        return g.addmm_(a64, a64.T)
+    blk = max(1, min(q, max(256, GRAM_BLOCK_ELEMS // p)))
+    for j in range(0, q, blk):
+        c = a[:, j:j + blk]
+        b = _buffer(c.numel()).view(c.shape)
+        b.copy_(c)
+        g.addmm_(b, b.T)
+    return g
 
 
 def _as_float64(w: torch.Tensor) -> torch.Tensor:
@@ -180,12 +206,7 @@ def _as_float64(w: torch.Tensor) -> torch.Tensor:
         return w
     if w.device.type != "cpu":
         return w.to(torch.float64)
-    n = w.numel()
-    buf = getattr(_tls, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(n, dtype=torch.float64)
-        _tls.buf = buf
-    out = buf[:n].view(w.shape)
+    out = _buffer(w.numel()).view(w.shape)
     out.copy_(w)
     return out
 
@@ -203,20 +224,31 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
     p = min(m, n)
     if p == 0:
         raise ValueError(f"spectrum() got an empty matrix of shape {(m, n)}")
-    a = _as_float64(w.detach())
-    flat = a.reshape(-1)
-    fro_sq = float(flat @ flat)  # no temporary; NaN/Inf anywhere makes it non-finite
-    if not math.isfinite(fro_sq) and not bool(torch.isfinite(a).all()):
+    w = w.detach()
+    w2 = w.T if m > n else w  # (p, q), p <= q: work on the short side
+    if force_exact:
+        g = None
+        a = _as_float64(w2)
+        fro_sq = float(a.reshape(-1) @ a.reshape(-1))
+    else:
+        g = gram64(w2)
+        fro_sq = float(torch.trace(g))  # = ||W||_F^2; NaN/Inf anywhere in W makes it non-finite
+    if not math.isfinite(fro_sq) and not bool(torch.isfinite(w).all()):
         nan = math.nan
         return Spectrum(nan, nan, nan, nan, nan, nan, nan, nan, "nonfinite", "none")
-    if m > n:
-        a = a.T  # (p, q), p <= q: work on the short side
     if fro_sq == 0.0:
         return _figures(-math.inf, 0.0, 0.0, 0.0, p, m, n, input_var, "none")
+    s_max_gram = None
     if not force_exact:
-        got, s_max_gram = _extremes_gram(a)
-        if got is None and p > DENSE_MAX_P:
-            got = _extremes_qr(a, s_max_gram)
+        got, s_max_gram = _extremes_gram(g)
+        if got is not None:
+            s_max, s_min, log2_sum, method = got
+            return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, method)
+    del g
+    if not force_exact:
+        a = _as_float64(w2)  # the routes below need the matrix itself in float64
+    if not force_exact and p > DENSE_MAX_P:
+        got = _extremes_qr(a, s_max_gram)
         if got is not None:
             s_max, s_min, log2_sum, method = got
             return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, method)
