@@ -245,3 +245,15 @@ def test_gguf_names_map_to_transformers_and_kappas_match(tmp_path):
         assert by[f"model.layers.1.mlp.experts.down_proj@{e}"].kappa == pytest.approx(
             np_kappa(t["blk.1.ffn_down_exps.weight"][e]), rel=1e-6)
     assert "model.embed_tokens.weight" in {s["name"] for s in rep.skipped}
+
+
+def test_parallel_serial_and_budgeted_scans_agree(tmp_path):
+    model = make_model("qwen2_moe")
+    model.save_pretrained(tmp_path / "m")
+    a = kappatune.scan(str(tmp_path / "m"), cache=False, workers=1)
+    b = kappatune.scan(str(tmp_path / "m"), cache=False, workers=2)
+    c = kappatune.scan(str(tmp_path / "m"), cache=False, workers=2, memory_budget=1)  # one task at a time
+    for r in (b, c):
+        assert [(u.name, u.kappa, u.log_volume) for u in r.units] == [(u.name, u.kappa, u.log_volume) for u in a.units]
+    with pytest.raises(kappatune.KappaTuneError, match="workers"):
+        kappatune.scan(model, workers=0)

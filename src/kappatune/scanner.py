@@ -101,7 +101,8 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
     src: Source = open_source(source)
     options = {"embeddings": bool(embeddings), "include_routers": bool(include_routers),
                "input_var": float(input_var), "exact": bool(exact)}
-    plan = plan_units(src.entries(), model_type=src.model_type, embeddings=embeddings,
+    ents = {e.source: e for e in src.entries()}
+    plan = plan_units(list(ents.values()), model_type=src.model_type, embeddings=embeddings,
                       include_routers=include_routers)
     if not plan.units:
         raise KappaTuneError(f"no eligible weight matrix found in {_describe(src)} "
@@ -113,7 +114,7 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
     results: dict[str, UnitResult] = {}
     hits = 0
     bar = _progress(len(plan.units), progress)
-    dtypes = {e.source: e.dtype for e in src.entries()}
+    dtypes = {k: e.dtype for k, e in ents.items()}
 
     def work(key: str) -> tuple[list[UnitResult], int]:
         specs = by_source[key]
@@ -141,7 +142,6 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
         return out, n_hit
 
     n_workers = _workers(workers, len(by_source))
-    ents = {e.source: e for e in src.entries()}
     src_bytes = {k: _numel(ents[k].shape) * _itemsize(ents[k].dtype) for k in by_source if k in ents}
     old_threads = torch.get_num_threads()
     try:
