@@ -110,3 +110,14 @@ def test_slice_export_refused_leaves_no_files(tmp_path):
     r = run("select", str(rep), "--count", "3", "--group", "expert", "-o", str(out), "--axolotl", str(ax))
     _one_line_error(r, "one expert")
     assert not out.exists() and not ax.exists()
+
+
+def test_cli_imports_no_torch_for_help_and_version():
+    code = ("import sys; from kappatune.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "False"
+    from kappatune.cli import LORA_TARGETS_HELP
+    from kappatune.train import LORA_DEFAULT_TARGETS
+
+    assert LORA_TARGETS_HELP == ",".join(LORA_DEFAULT_TARGETS)

@@ -170,9 +170,10 @@ def _add_train_options(p, demo: bool = False):
     p.add_argument("--seed", type=int, default=0)
 
 
-def _add_train(sub):
-    from .train import LORA_DEFAULT_TARGETS
+LORA_TARGETS_HELP = "q_proj,v_proj,gate_proj,up_proj,down_proj"  # = train.LORA_DEFAULT_TARGETS (no torch here)
 
+
+def _add_train(sub):
     p = sub.add_parser("train", help="fine-tune a causal LM with KappaTune (or a baseline method)")
     p.add_argument("model", help="local model folder (config.json + safetensors), or 'smollm2' (built-in)")
     p.add_argument("--data", required=True, help="training data: .jsonl, .csv or .txt")
@@ -194,7 +195,7 @@ def _add_train(sub):
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CUDA only)")
     p.add_argument("--lora-rank", type=int, help="fixed LoRA rank (default: matched to --budget-params)")
-    p.add_argument("--lora-targets", default=",".join(LORA_DEFAULT_TARGETS))
+    p.add_argument("--lora-targets", default=LORA_TARGETS_HELP)
     p.add_argument("--lora-count", type=int, help="kappatune-lora: number of lowest-kappa modules (default 20%%)")
     p.add_argument("--include", action="append", default=[], help="regex on unit names (selective methods)")
     p.add_argument("--exclude", action="append", default=[], help="regex on unit names (selective methods)")
@@ -419,8 +420,13 @@ def main(argv=None) -> int:
     _configure_logging(a.verbose)
     from .errors import KappaTuneError
 
+    from .errors import TrainingInterrupted
+
     try:
         return int(a.func(a) or 0)
+    except TrainingInterrupted as e:
+        print(f"kappatune: {e}", file=sys.stderr)
+        return 130
     except KappaTuneError as e:
         print(f"kappatune: error: {e}", file=sys.stderr)
         return 2

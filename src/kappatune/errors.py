@@ -3,3 +3,7 @@
 
 class KappaTuneError(Exception):
     """A problem with the user's input or environment, stated in one line."""
+
+
+class TrainingInterrupted(KappaTuneError):
+    """Training stopped on request (Ctrl-C / SIGTERM) after saving a resumable checkpoint."""

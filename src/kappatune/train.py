@@ -35,7 +35,7 @@ import torch
 from ._io import atomic_write_json
 from .freeze import TrainableSummary, apply, tensor_digest
 from .data import DEFAULT_TEMPLATE, PadCollator, PromptTemplate, load_records, tokenize_examples
-from .errors import KappaTuneError
+from .errors import KappaTuneError, TrainingInterrupted
 from .report import KappaReport, Selection
 from .policies import parse_size, select
 
@@ -247,7 +247,6 @@ class TrainResult:
     peak_rss_mb: float
     changed_tensors: int
     frozen_verified: bool
-    interrupted: bool = False
     info: dict = field(default_factory=dict)
 
 
@@ -352,10 +351,6 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
 
 def _ckpt_step(path: str | None) -> int:
     return int(path.rsplit("-", 1)[-1]) if path else 0
-
-
-class TrainingInterrupted(KappaTuneError):
-    """Training stopped on request after saving a resumable checkpoint."""
 
 
 def _replace_dir(src: str, dst: str) -> None:
