@@ -153,19 +153,21 @@ def test_apply_fingerprint_mismatch(llama_report):
         kappatune.apply(other, sel, check=False)
 
 
-def test_apply_refuses_fused_expert_slices():
+def test_apply_slices_marks_rows_and_exports_refuse():
     m = make_model("olmoe")
     rep = kappatune.scan(m, cache=False)
     sel = kappatune.select(rep, count=3, groups=["expert"])
-    before = {n: p.requires_grad for n, p in m.named_parameters()}
-    with pytest.raises(KappaTuneError, match="fused expert"):
-        kappatune.apply(m, sel)
-    assert before == {n: p.requires_grad for n, p in m.named_parameters()}
+    s = kappatune.apply(m, sel)
+    rows = m._kappatune_slice_rows
+    assert set(rows) == {u["param"] for u in sel.units}
+    assert s.trainable_params == sel.total_params  # counted by slice, not by the whole fused tensor
+    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == sorted(rows)
     with pytest.raises(KappaTuneError, match="one expert"):
         sel.to_peft_kwargs()
     with pytest.raises(KappaTuneError, match="one expert"):
         sel.to_axolotl_yaml()
-    # non-expert units of an MoE model apply fine
-    sel = kappatune.select(rep, count=3, exclude=[".*@.*"])
-    kappatune.apply(m, sel)
-    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == sorted(sel.names)
+    # a plain selection afterwards removes the slice machinery
+    sel2 = kappatune.select(rep, count=3, exclude=[".*@.*"])
+    kappatune.apply(m, sel2)
+    assert m._kappatune_slice_rows == {} and not m._kappatune_hooks
+    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == sorted(sel2.names)

@@ -53,17 +53,13 @@ def check_fingerprint(model: torch.nn.Module, selection: Selection) -> None:
 def apply(model: torch.nn.Module, selection: Selection, *, check: bool = True) -> TrainableSummary:
     """Set ``requires_grad`` on exactly the selected parameters and nothing else; return a summary.
 
-    Slices of fused MoE parameters (unit names ``param@E...``) are refused: ``requires_grad`` cannot pick one
-    expert, and silently widening the choice to the whole fused parameter would train what was not chosen.
+    Slices of fused MoE parameters (unit names ``param@E...``): the fused parameter becomes trainable as a
+    whole, a gradient hook zeroes the rows of unselected slices, and ``model._kappatune_slice_rows`` records
+    the selected rows. Train such a model with ``kappatune.slices.build_optimizer`` (``kappatune train`` does):
+    a standard AdamW's decoupled weight decay would still move the unselected slices.
     """
     if not isinstance(selection, Selection):
         raise KappaTuneError(f"apply() needs a Selection, got {type(selection).__name__}")
-    if selection.has_slices:
-        sl = [u["name"] for u in selection.units if u.get("expert") is not None]
-        raise KappaTuneError(
-            f"the selection holds {len(sl)} slice(s) of fused expert parameters (e.g. {sl[0]}); training one "
-            f"expert inside a fused tensor is not supported yet and kappatune will not widen it to the whole "
-            f"parameter. Exclude experts when selecting (exclude=['.*@.*'])")
     if check:
         check_fingerprint(model, selection)
     params = dict(model.named_parameters())
@@ -72,17 +68,29 @@ def apply(model: torch.nn.Module, selection: Selection, *, check: bool = True) -
     if missing:
         raise KappaTuneError(f"selected parameter {missing[0]!r} is not a parameter of this model "
                              f"({len(missing)} missing)")
+    for h in getattr(model, "_kappatune_hooks", []):  # a previous apply's gradient masks
+        h.remove()
+    rows: dict = {}
+    if selection.has_slices:
+        from .slices import install_grad_masks, slice_rows
+
+        rows = slice_rows(selection, params)
+        model._kappatune_hooks = install_grad_masks(params, rows)
+    else:
+        model._kappatune_hooks = []
+    model._kappatune_slice_rows = rows
     trainable = 0
     names = []
     for name, p in params.items():  # one pass; tied parameters appear once
         on = name in wanted
         p.requires_grad_(on)
         if on:
-            trainable += p.numel()
+            trainable += p.numel() if name not in rows else int(rows[name].numel()) * p.shape[-1]
             names.append(name)
     total = sum(p.numel() for p in params.values())
     summary = TrainableSummary(trainable, total, names)
-    log.info("%s", summary)
+    log.info("%s%s", summary, f" ({sum(len(r) for r in rows.values())} rows of {len(rows)} fused expert "
+                               f"parameters)" if rows else "")
     return summary
 
 
@@ -94,12 +102,31 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def snapshot(model: torch.nn.Module, only_frozen: bool = True) -> dict[str, str]:
-    """Content hashes of the (frozen) parameters and buffers, to verify later that none moved."""
+    """Content hashes of the frozen parameters (and of the unselected rows of fused parameters trained by
+    slice), to verify later that none moved. Keys of the latter end in ``@unselected``."""
     out = {n: tensor_digest(p) for n, p in model.named_parameters() if not (only_frozen and p.requires_grad)}
+    rows = getattr(model, "_kappatune_slice_rows", None)
+    if only_frozen and rows:
+        from .slices import slice_snapshot
+
+        out.update({f"{k}@unselected": v for k, v in slice_snapshot(model, rows).items()})
     return out
 
 
 def changed(model: torch.nn.Module, snap: dict[str, str]) -> list[str]:
     """Names in ``snap`` whose content differs now."""
     params = dict(model.named_parameters())
-    return [n for n, d in snap.items() if n in params and tensor_digest(params[n]) != d]
+    rows = getattr(model, "_kappatune_slice_rows", None) or {}
+    now = {}
+    if any(k.endswith("@unselected") for k in snap):
+        from .slices import slice_snapshot
+
+        now = {f"{k}@unselected": v for k, v in slice_snapshot(model, rows).items()}
+    out = []
+    for n, d in snap.items():
+        if n.endswith("@unselected"):
+            if now.get(n) != d:
+                out.append(n)
+        elif n in params and tensor_digest(params[n]) != d:
+            out.append(n)
+    return out

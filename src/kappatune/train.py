@@ -289,12 +289,20 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
         remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
     )
     guard, stopper = FrozenTensorsCallback(), GracefulStopCallback()
+    optimizers = (None, None)
+    if prep.selection is not None and prep.selection.has_slices:
+        from .slices import build_optimizer
+
+        # single experts inside fused tensors: AdamW state and updates for the selected rows only
+        optimizers = (build_optimizer(prep.model, prep.selection, lr=cfg.lr, weight_decay=cfg.weight_decay), None)
     trainer = Trainer(model=prep.model, args=args, train_dataset=_ListDataset(examples),
                       data_collator=PadCollator(tokenizer.pad_token_id or 0),
-                      callbacks=[guard, stopper, *extra_callbacks])
+                      callbacks=[guard, stopper, *extra_callbacks], optimizers=optimizers)
     resume = last_good_checkpoint(ckpt_dir)
     if resume:
         log.info("resuming from %s", resume)
+        if not prep.is_peft:
+            _load_checkpoint_weights(prep.model, resume)
     import resource
 
     t0 = time.perf_counter()
@@ -317,6 +325,9 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
         final.save_pretrained(adapter_tmp)
         _replace_dir(adapter_tmp, os.path.join(output_dir, "adapter"))
         final = final.merge_and_unload()
+    for h in getattr(final, "_kappatune_hooks", []):  # slice gradient masks
+        h.remove()
+    final._kappatune_hooks, final._kappatune_slice_rows = [], {}
     for p in final.parameters():
         p.requires_grad_(True)  # a saved model should not carry our freezing
     after = _digests(final)
@@ -347,6 +358,17 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
         "frozen_verified": bool(guard.verified), "trainable": prep.summary.to_dict()})
     atomic_write_json(os.path.join(output_dir, "train_summary.json"), _jsonable(asdict(res)))
     return res
+
+
+def _load_checkpoint_weights(model, folder: str) -> None:
+    """Load a Trainer checkpoint's weights through ``from_pretrained``, which converts the checkpoint's
+    unfused MoE experts back into the fused in-memory parameters. (The Trainer's own resume loads the raw
+    state dict and, in transformers 5.x, silently leaves fused experts at their initial values.)"""
+    ck = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    missing, unexpected = model.load_state_dict(ck.state_dict(), strict=False)
+    if missing:
+        raise KappaTuneError(f"checkpoint {folder} lacks {len(missing)} weights, e.g. {missing[0]}")
+    del ck
 
 
 def _ckpt_step(path: str | None) -> int:
