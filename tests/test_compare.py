@@ -98,3 +98,17 @@ def test_kappatune_lora_targets_are_the_lowest_kappa_modules_in_order():
 
     pm = get_peft_model(model, cfg)
     assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == info["expected_params"]
+
+
+def test_target_loss_stops_training_early(tmp_path):
+    from kappatune.experiments import _TargetLoss
+    from kappatune.train import TrainConfig, train
+
+    model, tok = make_lm()
+    cfg = TrainConfig(method="kappatune", budget_params=3000, max_steps=10, batch_size=4, logging_steps=1,
+                      progress=False, save_steps=100)
+    res = train(model, tok, toy_rows(16), str(tmp_path / "a"), cfg, extra_callbacks=[_TargetLoss.make(1e9)])
+    assert res.steps == 1
+    model, tok = make_lm()
+    res = train(model, tok, toy_rows(16), str(tmp_path / "b"), cfg, extra_callbacks=[_TargetLoss.make(-1.0)])
+    assert res.steps == 10
