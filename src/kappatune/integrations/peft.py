@@ -7,9 +7,13 @@ reproducible.
 
 from __future__ import annotations
 
+import logging
+
 from ..errors import KappaTuneError
 from ..report import KappaReport
 from ..policies import select
+
+log = logging.getLogger(__name__)
 
 
 def kappatune_lora_config(report: KappaReport, *, budget_params: int, count: int | None = None,
@@ -24,6 +28,11 @@ def kappatune_lora_config(report: KappaReport, *, budget_params: int, count: int
 
     slices = [u for u in report.units if u.is_slice]
     candidates_exclude = [".*@.*"] if slices else None
+    if slices:
+        log.warning("KappaTune-LoRA: PEFT cannot put an adapter on one expert inside a fused parameter "
+                    "(target_parameters adapts every expert of it); the %d expert slices are left out and "
+                    "LoRA goes on the lowest-kappa other modules. Train experts with --method kappatune.",
+                    len(slices))
     sel = select(report, count=count, top_p=None if count else top_p, exclude=candidates_exclude,
                  groups=None)
     mods = [u for u in sel.units if u["layout"] in ("linear", "conv1d_hf")]
