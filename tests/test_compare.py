@@ -112,3 +112,19 @@ def test_target_loss_stops_training_early(tmp_path):
     model, tok = make_lm()
     res = train(model, tok, toy_rows(16), str(tmp_path / "b"), cfg, extra_callbacks=[_TargetLoss.make(-1.0)])
     assert res.steps == 10
+
+
+def test_kappatune_lora_rank_pattern_lands_closer_to_budget():
+    from peft import get_peft_model
+
+    model, _ = make_lm()
+    rep = kappatune.scan(model, cache=False)
+    for budget in (1500, 2500, 3900):
+        cfg, info = kappatune_lora_config(rep, budget_params=budget, count=4)
+        coarse, cinfo = kappatune_lora_config(rep, budget_params=budget, count=4, fine_match=False)
+        lowest = [u for u in sorted(rep.units, key=lambda u: (u.kappa, u.name))][:4]
+        widest = max(u.shape[0] + u.shape[1] for u in lowest)
+        assert abs(info["expected_params"] - budget) <= widest  # within one module step
+        assert abs(info["expected_params"] - budget) <= abs(cinfo["expected_params"] - budget)
+        pm = get_peft_model(make_lm()[0], cfg)
+        assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == info["expected_params"]
