@@ -257,3 +257,29 @@ def test_parallel_serial_and_budgeted_scans_agree(tmp_path):
         assert [(u.name, u.kappa, u.log_volume) for u in r.units] == [(u.name, u.kappa, u.log_volume) for u in a.units]
     with pytest.raises(kappatune.KappaTuneError, match="workers"):
         kappatune.scan(model, workers=0)
+
+
+def test_two_process_scan_equals_single_process(tmp_path):
+    """`kappatune scan` under torchrun with 2 CPU processes (gloo): rank 0 writes the same report."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    model = make_model("olmoe")
+    model.save_pretrained(tmp_path / "m")
+    single = kappatune.scan(str(tmp_path / "m"), cache=False)
+    exe = shutil.which("torchrun")
+    kt = shutil.which("kappatune")
+    if exe is None or kt is None:
+        pytest.skip("torchrun / kappatune entry point not on PATH")
+    out = tmp_path / "r.json"
+    r = subprocess.run([exe, "--nproc_per_node=2", "--master_port=29533", "--no-python", kt, "scan",
+                        str(tmp_path / "m"), "-o", str(out), "--no-cache", "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["structure_fingerprint"] == single.structure_fingerprint
+    assert d["content_fingerprint"] == single.content_fingerprint
+    got = {u["name"]: float(u["kappa"]) for u in d["units"]}
+    assert got == {u.name: u.kappa for u in single.units}

@@ -40,8 +40,12 @@ def cmd_scan(a) -> int:
     from .report import dumps_json
     from .scanner import scan
 
+    import os
+
     rep = scan(a.path, embeddings=a.embeddings, include_routers=a.include_routers, cache=not a.no_cache,
                cache_dir=a.cache_dir, progress=not a.no_progress, input_var=a.input_var, exact=a.exact)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch only rank 0 writes
+        return 0
     if a.output:
         rep.save(a.output)
     else:

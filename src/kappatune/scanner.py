@@ -141,12 +141,15 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
                 out.append(_result(spec, dtypes.get(key, "?"), None, "", "error", str(e)))
         return out, n_hit
 
-    n_workers = _workers(workers, len(by_source))
     src_bytes = {k: _numel(ents[k].shape) * _itemsize(ents[k].dtype) for k in by_source if k in ents}
+    rank, world, own_group = _distributed()
+    my_keys = _shard(list(by_source), {k: _task_bytes(by_source[k], src_bytes.get(k, 0)) for k in by_source},
+                     rank, world) if world > 1 else list(by_source)
+    n_workers = _workers(workers, max(len(my_keys), 1))
     old_threads = torch.get_num_threads()
     try:
         if n_workers == 1:
-            for key in by_source:
+            for key in my_keys:
                 res, n_hit = work(key)
                 hits += n_hit
                 for r in res:
@@ -160,7 +163,7 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
             from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
             torch.set_num_threads(1)
-            keys = list(by_source)
+            keys = my_keys
             cost = {k: _task_bytes(by_source[k], src_bytes.get(k, 0)) for k in keys}
             budget = memory_budget if memory_budget is not None else max(3 * max(src_bytes.values() or [0]),
                                                                           256 << 20)
@@ -189,6 +192,19 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
         torch.set_num_threads(old_threads)
         bar.close()
         src.close()
+    if world > 1:  # every rank gets every result; the report is the same on all ranks
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, ([_to_dict(r) for r in results.values()], hits))
+        results, hits = {}, 0
+        for part, h in gathered:
+            hits += h
+            for d in part:
+                r = UnitResult.from_dict(d)
+                results[r.name] = r
+        if own_group:
+            dist.destroy_process_group()
     units = [results[u.name] for u in plan.units]
     units.sort(key=lambda u: u.name)
     skipped = [{"name": s.name, "shape": list(s.shape), "reason": s.reason} for s in plan.skipped]
@@ -197,6 +213,39 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
     return KappaReport(units=units, skipped=skipped, source=src.describe(), options=options,
                        structure_fingerprint=fp, content_fingerprint=ch, elapsed_s=time.perf_counter() - t0,
                        cache_hits=hits)
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group). Joins torchrun/accelerate launches: an
+    initialised torch.distributed group, or WORLD_SIZE > 1 in the environment (gloo on CPU, NCCL on CUDA)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _shard(keys: list[str], cost: dict[str, int], rank: int, world: int) -> list[str]:
+    """This rank's share of the source tensors: greedy balance of the estimated work (largest first),
+    deterministic so that every rank computes the same partition."""
+    loads = [0] * world
+    owner: dict[str, int] = {}
+    for k in sorted(keys, key=lambda k: (-cost[k], k)):
+        r = loads.index(min(loads))
+        owner[k] = r
+        loads[r] += cost[k]
+    return [k for k in keys if owner[k] == rank]
+
+
+def _to_dict(r: UnitResult) -> dict:
+    d = asdict(r)
+    d["shape"] = list(r.shape)
+    return d
 
 
 def _numel(shape) -> int:
