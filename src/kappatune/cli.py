@@ -240,7 +240,8 @@ def cmd_train(a) -> int:
         raise KappaTuneError(f"{a.output} already holds a finished model; choose another --output")
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its metrics; stdout is for results
         res = train(model, tok, rows, a.output, cfg, report=report)
-    sys.stdout.write(dumps_json(res.__dict__))
+    if res is not None:  # None on non-zero ranks of a distributed launch
+        sys.stdout.write(dumps_json(res.__dict__))
     return 0
 
 

@@ -251,7 +251,7 @@ class TrainResult:
 
 
 def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig, *,
-          report: KappaReport | None = None, extra_callbacks=()) -> TrainResult:
+          report: KappaReport | None = None, extra_callbacks=()) -> TrainResult | None:
     """Fine-tune ``model`` on ``rows`` with ``cfg.method``; write the output folder (see module doc)."""
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -275,7 +275,8 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     before = _digests(model)
     prep = METHODS[cfg.method](model, get_report, cfg)
     log.info("method %s: %s", cfg.method, prep.summary)
-    if prep.selection is not None:
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate only rank 0 writes
+    if prep.selection is not None and main_process:
         prep.selection.save(os.path.join(output_dir, "selection.json"))
     examples = tokenize_examples(rows, tokenizer, template, max_length=cfg.max_length, loss_on=cfg.loss_on)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
@@ -287,6 +288,7 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
         report_to=[], use_cpu=not use_cuda, bf16=cfg.bf16 and use_cuda, disable_tqdm=not cfg.progress,
         remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
+        ddp_backend=None if use_cuda or int(os.environ.get("WORLD_SIZE", "1")) == 1 else "gloo",
     )
     guard, stopper = FrozenTensorsCallback(), GracefulStopCallback()
     optimizers = (None, None)
@@ -312,7 +314,8 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     steps_run = steps - _ckpt_step(resume)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * n_tokens / max(len(examples), 1)  # mean length
     history = trainer.state.log_history
-    atomic_write_json(os.path.join(output_dir, "train_log.json"), history)
+    if main_process:
+        atomic_write_json(os.path.join(output_dir, "train_log.json"), history)
     losses = [h["loss"] for h in history if "loss" in h]
     if stopper.requested:
         raise TrainingInterrupted(f"interrupted at step {steps}; checkpoint saved in {ckpt_dir}; rerun the same "
@@ -320,10 +323,11 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     # ---- final model: merged (LoRA) plain model, written atomically ----
     final = prep.model
     if prep.is_peft:
-        adapter_tmp = os.path.join(output_dir, ".adapter-tmp")
-        shutil.rmtree(adapter_tmp, ignore_errors=True)
-        final.save_pretrained(adapter_tmp)
-        _replace_dir(adapter_tmp, os.path.join(output_dir, "adapter"))
+        if main_process:
+            adapter_tmp = os.path.join(output_dir, ".adapter-tmp")
+            shutil.rmtree(adapter_tmp, ignore_errors=True)
+            final.save_pretrained(adapter_tmp)
+            _replace_dir(adapter_tmp, os.path.join(output_dir, "adapter"))
         final = final.merge_and_unload()
     for h in getattr(final, "_kappatune_hooks", []):  # slice gradient masks
         h.remove()
@@ -340,6 +344,9 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     unexpected = [c["name"] for c in changed if selected is not None and c["name"] not in selected]
     if unexpected:
         raise KappaTuneError(f"tensor {unexpected[0]} changed but was not selected")
+    ranks_identical = _ranks_identical(after)
+    if not main_process:
+        return None
     model_tmp = os.path.join(output_dir, ".model-tmp")
     shutil.rmtree(model_tmp, ignore_errors=True)
     final.save_pretrained(model_tmp)
@@ -355,9 +362,22 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
                       info=dict(prep.info, config=_jsonable(asdict(cfg))))
     atomic_write_json(os.path.join(output_dir, "manifest.json"), {
         "method": cfg.method, "changed": changed, "unchanged_count": len(after) - len(changed),
-        "frozen_verified": bool(guard.verified), "trainable": prep.summary.to_dict()})
+        "frozen_verified": bool(guard.verified), "trainable": prep.summary.to_dict(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")), "ranks_identical": ranks_identical})
     atomic_write_json(os.path.join(output_dir, "train_summary.json"), _jsonable(asdict(res)))
     return res
+
+
+def _ranks_identical(digests: dict[str, str]) -> bool | None:
+    """Under a distributed launch: whether every rank ends with the same weights (None when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    mine = json.dumps(sorted(digests.items()))
+    allv: list = [None] * dist.get_world_size()
+    dist.all_gather_object(allv, mine)
+    return all(v == allv[0] for v in allv)
 
 
 def _load_checkpoint_weights(model, folder: str) -> None:
