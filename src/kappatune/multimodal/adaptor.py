@@ -1,0 +1,69 @@
+"""The adaptor between a speech encoder and an LLM, as the paper describes it: 4x subsampling by concatenating
+adjacent frames, a linear projection to the LLM's hidden size, LayerNorm, positional encoding, and two
+multi-head self-attention layers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_positions(n: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]  # (n, 1)
+    i = torch.arange(0, dim, 2, device=device, dtype=torch.float32)  # (dim/2,)
+    angle = pos / torch.pow(10000.0, i / dim)  # (n, dim/2)
+    pe = torch.zeros(n, dim, device=device)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return pe.to(dtype)
+
+
+class _AttentionBlock(nn.Module):
+    """Pre-norm multi-head self-attention with a residual connection, padding-aware."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm(x)
+        out, _ = self.attn(h, h, h, key_padding_mask=pad_mask, need_weights=False)
+        return x + out
+
+
+class SpeechAdaptor(nn.Module):
+    """(B, T, enc_dim) encoder frames -> (B, ceil(T / subsample), llm_dim) LLM input embeddings."""
+
+    def __init__(self, enc_dim: int, llm_dim: int, *, subsample: int = 4, heads: int = 8, layers: int = 2,
+                 dropout: float = 0.0):
+        super().__init__()
+        if llm_dim % heads:
+            raise ValueError(f"llm_dim {llm_dim} is not divisible by heads {heads}")
+        self.subsample = subsample
+        self.proj = nn.Linear(enc_dim * subsample, llm_dim)
+        self.norm = nn.LayerNorm(llm_dim)
+        self.blocks = nn.ModuleList(_AttentionBlock(llm_dim, heads, dropout) for _ in range(layers))
+
+    def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.div(lengths + self.subsample - 1, self.subsample, rounding_mode="floor")
+
+    def forward(self, frames: torch.Tensor, lengths: torch.Tensor | None = None):
+        """Returns (embeddings (B, T', llm_dim), lengths (B,)) with T' = ceil(T / subsample)."""
+        b, t, d = frames.shape
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.long, device=frames.device)
+        pad = (-t) % self.subsample
+        if pad:
+            frames = torch.cat([frames, frames.new_zeros(b, pad, d)], dim=1)
+        # concatenate each run of `subsample` adjacent frames: (B, T/s, s*d)
+        x = frames.reshape(b, (t + pad) // self.subsample, self.subsample * d)
+        x = self.norm(self.proj(x))
+        x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
+        out_len = self.out_lengths(lengths)
+        pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_len[:, None]  # True = padding
+        for blk in self.blocks:
+            x = blk(x, pad_mask)
+        return x, out_len

@@ -1,0 +1,73 @@
+"""Frozen speech encoder + trainable adaptor + causal LM (kappa-selected tensors trainable)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adaptor import SpeechAdaptor
+from .alignment import build_inputs
+
+
+class SpeechLLM(nn.Module):
+    """``encoder(input_features).last_hidden_state`` -> adaptor -> ``llm(inputs_embeds=...)``.
+
+    The encoder is frozen here; the LLM is left as given (apply a KappaTune selection to it first); the
+    adaptor is trainable.
+    """
+
+    def __init__(self, encoder: nn.Module, llm: nn.Module, *, subsample: int = 4, heads: int = 8,
+                 layers: int = 2, frames_per_feature: int = 2):
+        super().__init__()
+        self.encoder = encoder
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        enc_dim = encoder.config.d_model
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        self.adaptor = SpeechAdaptor(enc_dim, llm_dim, subsample=subsample, heads=heads, layers=layers)
+        self.llm = llm
+        self.frames_per_feature = frames_per_feature  # Whisper's conv stem halves the mel frames
+
+    def encode(self, features: torch.Tensor, feature_lens: torch.Tensor):
+        self.encoder.eval()
+        with torch.no_grad():
+            frames = self.encoder(features).last_hidden_state  # (B, T, enc_dim)
+        lens = torch.div(feature_lens + self.frames_per_feature - 1, self.frames_per_feature, rounding_mode="floor")
+        return self.adaptor(frames, lens.clamp(max=frames.shape[1]))
+
+    def forward(self, features, feature_lens, text_ids: list[list[int]], bos_id: int, eos_id: int):
+        audio, alens = self.encode(features, feature_lens)
+        emb, att, lab = build_inputs(audio, alens, text_ids, self.llm.get_input_embeddings(), bos_id, eos_id)
+        return self.llm(inputs_embeds=emb, attention_mask=att, labels=lab)
+
+    @torch.no_grad()
+    def transcribe(self, features, feature_lens, bos_id: int, eos_id: int, max_new_tokens: int = 64) -> list[list[int]]:
+        """Greedy decoding from [audio, BOS]; returns token ids per sample (without EOS)."""
+        audio, alens = self.encode(features, feature_lens)
+        emb_layer = self.llm.get_input_embeddings()
+        outs = []
+        for i in range(audio.shape[0]):
+            prefix = torch.cat([audio[i, : int(alens[i])], emb_layer(torch.tensor([bos_id], device=audio.device))])
+            x = prefix[None]
+            past, ids = None, []
+            for _ in range(max_new_tokens):
+                o = self.llm(inputs_embeds=x, past_key_values=past, use_cache=True)
+                past = o.past_key_values
+                nxt = int(o.logits[0, -1].argmax())
+                if nxt == eos_id:
+                    break
+                ids.append(nxt)
+                x = emb_layer(torch.tensor([[nxt]], device=audio.device))
+            outs.append(ids)
+        return outs
+
+
+def word_error_rates(references: list[str], hypotheses: list[str]) -> dict:
+    """WER and CER through jiwer (pip install 'kappatune[multimodal]')."""
+    try:
+        import jiwer
+    except ImportError:
+        from ..errors import KappaTuneError
+
+        raise KappaTuneError("WER needs jiwer: pip install 'kappatune[multimodal]'") from None
+    return {"wer": float(jiwer.wer(references, hypotheses)), "cer": float(jiwer.cer(references, hypotheses))}

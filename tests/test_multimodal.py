@@ -1,0 +1,100 @@
+"""Algorithm 2 pieces: adaptor shapes and subsampling, exact label alignment, and a training step in which
+only the adaptor and the selected LLM tensors change."""
+
+import pytest
+import torch
+
+import kappatune
+from kappatune.freeze import tensor_digest
+from kappatune.multimodal import SpeechAdaptor, SpeechLLM, build_inputs, word_error_rates
+from conftest import make_lm
+
+
+def test_adaptor_subsamples_by_concatenation():
+    torch.manual_seed(0)
+    ad = SpeechAdaptor(6, 16, subsample=4, heads=4, layers=2)
+    x = torch.randn(2, 10, 6)
+    y, lens = ad(x, torch.tensor([10, 7]))
+    assert y.shape == (2, 3, 16) and lens.tolist() == [3, 2]
+    # the projection sees 4 adjacent frames concatenated: frame block 0 = frames 0..3 flattened
+    with torch.no_grad():
+        ad.blocks = torch.nn.ModuleList()  # isolate the concat + projection + norm + PE stage
+        y, _ = ad(x)
+        from kappatune.multimodal.adaptor import sinusoidal_positions
+
+        want = ad.norm(ad.proj(x[0, 0:4].reshape(-1))) + sinusoidal_positions(3, 16)[0]
+        assert torch.allclose(y[0, 0], want, atol=1e-6)
+        # the last block is zero-padded: frames 8, 9 then two zero frames
+        pad = torch.cat([x[0, 8:10], torch.zeros(2, 6)]).reshape(-1)
+        assert torch.allclose(y[0, 2], ad.norm(ad.proj(pad)) + sinusoidal_positions(3, 16)[2], atol=1e-6)
+    assert sum(p.numel() for p in ad.proj.parameters()) == 4 * 6 * 16 + 16
+
+
+def test_padding_does_not_leak_into_valid_frames():
+    torch.manual_seed(0)
+    ad = SpeechAdaptor(4, 8, subsample=2, heads=2, layers=2).eval()
+    x = torch.randn(1, 6, 4)
+    a, _ = ad(x, torch.tensor([6]))
+    x2 = torch.cat([x, torch.randn(1, 4, 4) * 100], dim=1)  # junk padding appended
+    b, lens = ad(x2, torch.tensor([6]))
+    assert lens.tolist() == [3]
+    assert torch.allclose(a[0, :3], b[0, :3], atol=1e-5)
+
+
+def test_label_alignment_exact_positions():
+    emb = torch.nn.Embedding(20, 3)
+    audio = torch.randn(2, 4, 3)
+    emb_out, att, lab = build_inputs(audio, torch.tensor([4, 2]), [[5, 6, 7], [8]], emb, bos_id=1, eos_id=2)
+    # sample 0: 4 audio + BOS + 3 text + EOS = 9; sample 1: 2 audio + BOS + 1 text + EOS = 5
+    assert emb_out.shape == (2, 9, 3)
+    assert att.tolist() == [[1] * 9, [1] * 5 + [0] * 4]
+    assert lab.tolist() == [[-100, -100, -100, -100, -100, 5, 6, 7, 2],
+                            [-100, -100, -100, 8, 2, -100, -100, -100, -100]]
+    assert torch.equal(emb_out[0, :4], audio[0]) and torch.equal(emb_out[1, :2], audio[1, :2])
+    assert torch.allclose(emb_out[0, 4], emb(torch.tensor(1)))  # BOS right after the audio
+    assert torch.allclose(emb_out[1, 3], emb(torch.tensor(8)))
+    assert torch.equal(emb_out[1, 5:], torch.zeros(4, 3))
+
+
+def _tiny_encoder():
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cfg = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
+                        max_source_positions=12, vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1)
+    torch.manual_seed(0)
+    return WhisperEncoder(cfg)
+
+
+def test_training_step_changes_only_adaptor_and_selected_llm_tensors():
+    enc = _tiny_encoder()
+    llm, tok = make_lm("llama")
+    sel = kappatune.select(kappatune.scan(llm, cache=False), count=2)
+    kappatune.apply(llm, sel)
+    model = SpeechLLM(enc, llm, subsample=4, heads=4, layers=2)
+    before = {n: tensor_digest(p) for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    feats = torch.randn(2, 8, 24)  # (B, mel bins, 2 * max_source_positions)
+    texts = [tok("hi there", add_special_tokens=False)["input_ids"], tok("ok", add_special_tokens=False)["input_ids"]]
+    for _ in range(2):
+        loss = model(feats, torch.tensor([24, 16]), texts, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = {n: tensor_digest(p) for n, p in model.named_parameters()}
+    changed = {n for n in before if before[n] != after[n]}
+    expected_llm = {f"llm.{n}" for n in sel.names}
+    assert expected_llm <= changed
+    assert all(n.startswith("adaptor.") or n in expected_llm for n in changed)
+    assert any(n.startswith("adaptor.") for n in changed)
+    assert not any(n.startswith("encoder.") for n in changed)
+    out = model.transcribe(feats[:1], torch.tensor([24]), tok.bos_token_id, tok.eos_token_id, max_new_tokens=5)
+    assert len(out) == 1 and len(out[0]) <= 5
+
+
+def test_word_error_rates():
+    r = word_error_rates(["the cat sat", "hello"], ["the cat sit", "hello"])
+    assert r["wer"] == pytest.approx(1 / 4) and 0 < r["cer"] < 0.2
