@@ -58,3 +58,22 @@ def test_demo_path_tiny(tmp_path):
         assert 0.0 <= rows[m]["accuracy"] <= 1.0
     assert rows["kappatune"]["forgetting_dppl"] != 0.0  # the weights did move
     assert (tmp_path / "demo" / "results.md").read_text().count("|") > 20
+
+
+@needs_assets
+@pytest.mark.parametrize("script,args", [("hf_trainer.py", ["--steps", "2"]),
+                                         ("peft_kappatune_lora.py", ["--modules", "20"])])
+def test_examples_run(script, args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    extra = ["--output", str(tmp_path / "o")] if script == "hf_trainer.py" else []
+    r = subprocess.run([sys.executable, os.path.join(root, "examples", script), *args, *extra],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if script == "hf_trainer.py":
+        assert "frozen tensors bit-identical: True" in r.stdout
+    else:
+        assert "trainable params" in r.stdout
