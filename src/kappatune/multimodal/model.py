@@ -35,6 +35,22 @@ class SpeechLLM(nn.Module):
         lens = torch.div(feature_lens + self.frames_per_feature - 1, self.frames_per_feature, rounding_mode="floor")
         return self.adaptor(frames, lens.clamp(max=frames.shape[1]))
 
+    def encoder_frames(self, features: torch.Tensor, feature_lens: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen encoder's valid output frames per clip (cacheable: the encoder never changes)."""
+        self.encoder.eval()
+        with torch.no_grad():
+            frames = self.encoder(features).last_hidden_state
+        lens = torch.div(feature_lens + self.frames_per_feature - 1, self.frames_per_feature, rounding_mode="floor")
+        return [frames[i, : int(min(lens[i], frames.shape[1]))] for i in range(frames.shape[0])]
+
+    def forward_frames(self, frames: list[torch.Tensor], text_ids: list[list[int]], bos_id: int, eos_id: int):
+        """Loss from cached encoder frames (list of (T_i, enc_dim))."""
+        lens = torch.tensor([f.shape[0] for f in frames])
+        padded = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
+        audio, alens = self.adaptor(padded, lens)
+        emb, att, lab = build_inputs(audio, alens, text_ids, self.llm.get_input_embeddings(), bos_id, eos_id)
+        return self.llm(inputs_embeds=emb, attention_mask=att, labels=lab)
+
     def forward(self, features, feature_lens, text_ids: list[list[int]], bos_id: int, eos_id: int):
         audio, alens = self.encode(features, feature_lens)
         emb, att, lab = build_inputs(audio, alens, text_ids, self.llm.get_input_embeddings(), bos_id, eos_id)
