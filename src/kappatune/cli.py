@@ -444,7 +444,7 @@ def cmd_train_speech(a) -> int:
 
         encoder = WhisperModel.from_pretrained(enc_path).get_encoder()
     llm, tok = load_model(a.model)
-    report = kappatune.scan(llm)
+    report = kappatune.scan(llm, distributed=False)
     like = kappatune.select(report, budget_params=a.budget_params) if a.order == "random-same-kind" else None
     sel = kappatune.select(report, budget_params=a.budget_params, order=a.order, seed=a.seed, like=like)
     kappatune.apply(llm, sel)

@@ -272,6 +272,9 @@ def run_one(cfg: CompareConfig, method: str, seed: int, run_dir: str) -> dict:
 
 
 def _child(cfg_dict: dict, method: str, seed: int, run_dir: str, q) -> None:  # pragma: no cover - subprocess
+    import sys
+
+    sys.stdout = sys.stderr  # the Trainer prints its metrics; the parent's stdout is for results
     try:
         run_one(CompareConfig(**cfg_dict), method, seed, run_dir)
         q.put(None)

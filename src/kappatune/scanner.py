@@ -80,7 +80,8 @@ class _Cache:
 
 def scan(source, *, embeddings: bool = False, include_routers: bool = False, cache: bool = True,
          cache_dir: str | None = None, progress: bool = False, input_var: float = 1.0,
-         exact: bool = False, workers: int | None = None, memory_budget: int | None = None) -> KappaReport:
+         exact: bool = False, workers: int | None = None, memory_budget: int | None = None,
+         distributed: bool = True) -> KappaReport:
     """Spectra of every eligible unit of ``source`` (an ``nn.Module`` or a path).
 
     Args:
@@ -94,6 +95,8 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
         workers: parallel single-BLAS-thread workers (default: the number of CPU cores, at most 8).
         memory_budget: bytes of tensors and float64 work arrays allowed in flight across workers (default:
             3x the largest source tensor, at least 256 MB); larger tensors are then scanned one at a time.
+        distributed: under torchrun / accelerate launch (or an initialised process group), split the work
+            across ranks; False scans everything in this process (what training does before DDP starts).
     """
     if input_var <= 0:
         raise KappaTuneError(f"input_var must be > 0, got {input_var}")
@@ -142,7 +145,7 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
         return out, n_hit
 
     src_bytes = {k: _numel(ents[k].shape) * _itemsize(ents[k].dtype) for k in by_source if k in ents}
-    rank, world, own_group = _distributed()
+    rank, world, own_group = _distributed() if distributed else (0, 1, False)
     my_keys = _shard(list(by_source), {k: _task_bytes(by_source[k], src_bytes.get(k, 0)) for k in by_source},
                      rank, world) if world > 1 else list(by_source)
     n_workers = _workers(workers, max(len(my_keys), 1))

@@ -269,7 +269,9 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
         if report is None:
             from .scanner import scan
 
-            report = scan(model, progress=cfg.progress)
+            # every rank scans the model itself (deterministic, so the selections agree): a process group
+            # made here would clash with the one the Trainer sets up next
+            report = scan(model, progress=cfg.progress, distributed=False)
         return report
 
     before = _digests(model)
