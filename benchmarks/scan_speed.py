@@ -79,7 +79,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import kappatune
-    from kappatune.scanner import _raw, open_source
+    from kappatune.scanner import open_source
     from kappatune.units import plan_units, unit_matrix
 
     model, label = build(a.model, a.layers)

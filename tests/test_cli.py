@@ -1,7 +1,6 @@
 """The real `kappatune` entry point, in a subprocess, including bad input."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -1,5 +1,4 @@
 import math
-import os
 
 import numpy as np
 import pytest
@@ -264,7 +263,6 @@ def test_two_process_scan_equals_single_process(tmp_path):
     import json
     import shutil
     import subprocess
-    import sys
 
     model = make_model("olmoe")
     model.save_pretrained(tmp_path / "m")

@@ -11,7 +11,7 @@ import kappatune
 from kappatune.freeze import tensor_digest
 from kappatune.data import PromptTemplate, load_records, tokenize_examples
 from kappatune.errors import KappaTuneError
-from kappatune.evaluate import control_chunks, label_accuracy, perplexity
+from kappatune.evaluate import label_accuracy, perplexity
 from kappatune.train import METHODS, TrainConfig, TrainingInterrupted, train
 from conftest import make_lm, toy_rows
 

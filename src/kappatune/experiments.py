@@ -7,7 +7,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from ._io import atomic_write_json, atomic_write_text
 from .data import PromptTemplate

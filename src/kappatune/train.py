@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -34,7 +33,7 @@ import torch
 
 from ._io import atomic_write_json
 from .freeze import TrainableSummary, apply, tensor_digest
-from .data import DEFAULT_TEMPLATE, PadCollator, PromptTemplate, load_records, tokenize_examples
+from .data import DEFAULT_TEMPLATE, PadCollator, PromptTemplate, tokenize_examples
 from .errors import KappaTuneError, TrainingInterrupted
 from .report import KappaReport, Selection
 from .policies import parse_size, select

@@ -4,7 +4,6 @@ multi-head self-attention layers."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
