@@ -277,6 +277,7 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     prep = METHODS[cfg.method](model, get_report, cfg)
     log.info("method %s: %s", cfg.method, prep.summary)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate only rank 0 writes
+    group_before = _dist_initialized()
     if prep.selection is not None and main_process:
         prep.selection.save(os.path.join(output_dir, "selection.json"))
     examples = tokenize_examples(rows, tokenizer, template, max_length=cfg.max_length, loss_on=cfg.loss_on)
@@ -347,6 +348,7 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
         raise KappaTuneError(f"tensor {unexpected[0]} changed but was not selected")
     ranks_identical = _ranks_identical(after)
     if not main_process:
+        _end_dist(group_before)
         return None
     model_tmp = os.path.join(output_dir, ".model-tmp")
     shutil.rmtree(model_tmp, ignore_errors=True)
@@ -366,7 +368,26 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
         "frozen_verified": bool(guard.verified), "trainable": prep.summary.to_dict(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")), "ranks_identical": ranks_identical})
     atomic_write_json(os.path.join(output_dir, "train_summary.json"), _jsonable(asdict(res)))
+    _end_dist(group_before)
     return res
+
+
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _end_dist(group_before: bool) -> None:
+    """Wait for every rank (rank 0 writes the output meanwhile), then tear down the process group the Trainer
+    made: a process that exits with a live gloo group aborts ("terminate called without an active exception").
+    A group the caller had made before train() is left alone."""
+    import torch.distributed as dist
+
+    if group_before or not _dist_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _ranks_identical(digests: dict[str, str]) -> bool | None:
