@@ -16,11 +16,6 @@ import time
 import torch
 
 
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-               if torch.is_tensor(t) and t.dim() > 0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", default="2M")
@@ -34,6 +29,7 @@ def main() -> None:
 
     import kappatune
     from kappatune.policies import parse_size
+    from kappatune.slices import optimizer_state_bytes
     from kappatune.train import LORA_DEFAULT_TARGETS, lora_modules, match_rank
 
     budget = parse_size(a.budget)

@@ -22,7 +22,7 @@ from .errors import KappaTuneError
 from .report import KappaReport, UnitResult, structure_fingerprint
 from .sources import Source, open_source
 from .spectral import Spectrum, spectrum
-from .units import UnitSpec, plan_units, unit_matrix
+from .units import UnitSpec, _prod, plan_units, unit_matrix
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
                 out.append(_result(spec, dtypes.get(key, "?"), None, "", "error", str(e)))
         return out, n_hit
 
-    src_bytes = {k: _numel(ents[k].shape) * _itemsize(ents[k].dtype) for k in by_source if k in ents}
+    src_bytes = {k: _prod(ents[k].shape) * _itemsize(ents[k].dtype) for k in by_source if k in ents}
     rank, world, own_group = _distributed() if distributed else (0, 1, False)
     my_keys = _shard(list(by_source), {k: _task_bytes(by_source[k], src_bytes.get(k, 0)) for k in by_source},
                      rank, world) if world > 1 else list(by_source)
@@ -249,13 +249,6 @@ def _to_dict(r: UnitResult) -> dict:
     d = asdict(r)
     d["shape"] = list(r.shape)
     return d
-
-
-def _numel(shape) -> int:
-    n = 1
-    for x in shape:
-        n *= int(x)
-    return n
 
 
 def _itemsize(dtype: str) -> int:
