@@ -100,36 +100,130 @@ def test_word_error_rates():
     assert r["wer"] == pytest.approx(1 / 4) and 0 < r["cer"] < 0.2
 
 
-def test_train_speech_recipe_end_to_end(tmp_path):
-    """Manifest of real WAV files -> features -> a few steps -> checkpoint with adaptor + LLM; WER reported."""
+def _wav_manifest(tmp_path, texts, name="m.jsonl"):
     import json
     import wave
 
     import numpy as np
-    from transformers import WhisperFeatureExtractor
-
-    from kappatune.multimodal.speech_train import SpeechTrainConfig, load_manifest, train_speech
 
     rows = []
-    for i, text in enumerate(["go left", "go right", "stop now", "go left"]):
+    for i, text in enumerate(texts):
         t = np.arange(int(16000 * 0.4)) / 16000
         pcm = (0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) * 32767).astype("<i2")
-        p = tmp_path / f"{i}.wav"
+        p = tmp_path / f"{name}-{i}.wav"
         with wave.open(str(p), "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
             w.setframerate(16000)
             w.writeframes(pcm.tobytes())
         rows.append({"audio": p.name, "text": text})
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = load_manifest(str(tmp_path / "m.jsonl"))
+    (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / name
+
+
+def _speech_setup(seed=0):
     enc = _tiny_encoder()
-    llm, tok = make_lm("llama")
+    llm, tok = make_lm("llama", seed=seed)
     kappatune.apply(llm, kappatune.select(kappatune.scan(llm, cache=False), count=2))
-    model = SpeechLLM(enc, llm, subsample=4, heads=4, layers=2)
+    return SpeechLLM(enc, llm, subsample=4, heads=4, layers=2), tok
+
+
+def test_train_speech_recipe_end_to_end(tmp_path):
+    """Manifest of real WAV files -> features -> Trainer steps -> model/ with adaptor + LLM; WER reported."""
+    from safetensors.torch import load_file
+    from transformers import WhisperFeatureExtractor
+
+    from kappatune.multimodal.speech_train import SpeechTrainConfig, load_manifest, load_speech_model, train_speech
+
+    manifest = load_manifest(str(_wav_manifest(tmp_path, ["go left", "go right", "stop now", "go left"])))
+    model, tok = _speech_setup()
     fe = WhisperFeatureExtractor(feature_size=8)
     res = train_speech(model, tok, fe, manifest, manifest[:2], str(tmp_path / "out"),
-                       SpeechTrainConfig(epochs=2, batch_size=2, lr=1e-2), n_frames=24)
+                       SpeechTrainConfig(epochs=2, batch_size=2, lr=1e-2, eval_every=2, logging_steps=1),
+                       n_frames=24, control_text="plain words about the world. " * 60)
     assert res["frozen_verified"] and res["steps"] == 4 and 0 <= res["final"]["wer"]
-    assert (tmp_path / "out" / "checkpoint" / "adaptor.safetensors").exists()
-    assert (tmp_path / "out" / "checkpoint" / "llm" / "config.json").exists()
+    # evaluations before training and every 2 steps, each with WER and the control perplexity
+    assert [h["step"] for h in res["history"]] == [0, 2, 4]
+    assert res["history"][0]["dppl"] == 0 and all("wer" in h and "control_ppl" in h for h in res["history"])
+    assert [x["step"] for x in res["losses"]] == [1, 2, 3, 4]
+    # only the adaptor and the 2 selected LLM tensors moved
+    assert res["trainable"]["llm_tensors"] == 2
+    out = tmp_path / "out" / "model"
+    assert (out / "adaptor.safetensors").exists() and (out / "llm" / "config.json").exists()
+    # the saved folder reloads into a model with the same adaptor and the same transcripts
+    again, tok2, cfg = load_speech_model(str(out), _tiny_encoder())
+    sd = load_file(str(out / "adaptor.safetensors"))
+    assert all(torch.equal(sd[k], v) for k, v in again.adaptor.state_dict().items())
+    from kappatune.multimodal.speech_train import evaluate_speech
+
+    ev = evaluate_speech(again, tok2, manifest[:2], fe, 24)
+    assert ev["wer"] == pytest.approx(res["final"]["wer"]) and ev["cer"] == pytest.approx(res["final"]["cer"])
+
+
+def test_train_speech_resume_is_exact(tmp_path):
+    """Stopping after 2 of 4 steps and rerunning gives bit-identical adaptor and LLM weights."""
+    from safetensors.torch import load_file
+    from transformers import WhisperFeatureExtractor
+
+    from kappatune.multimodal.speech_train import SpeechTrainConfig, load_manifest, train_speech
+
+    manifest = load_manifest(str(_wav_manifest(tmp_path, ["go left", "go right", "stop now", "go up", "halt"])))
+    fe = WhisperFeatureExtractor(feature_size=8)
+
+    def run(out, max_steps):
+        model, tok = _speech_setup()
+        cfg = SpeechTrainConfig(max_steps=max_steps, batch_size=2, lr=1e-2, adaptor_lr=3e-3, scheduler="constant",
+                                save_steps=2, weight_decay=0.1)
+        train_speech(model, tok, fe, manifest, [], str(out), cfg, n_frames=24)
+        return model
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-2" / "adaptor.safetensors").exists()
+    resumed = run(tmp_path / "b", 4)  # resumes from checkpoint-2
+    sa, sb = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    a = load_file(str(tmp_path / "a" / "model" / "adaptor.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model" / "adaptor.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and it did train: the adaptor differs from a fresh one
+    fresh, _ = _speech_setup()
+    assert not all(torch.equal(fresh.adaptor.state_dict()[k], a[k]) for k in a)
+
+
+def test_train_and_eval_speech_cli(tmp_path, lm_folder):
+    """kappatune train-speech then eval-speech through the entry point; eval reproduces the final WER."""
+    import json
+
+    from transformers import WhisperModel
+
+    from test_cli import _one_line_error, run
+
+    enc_dir = tmp_path / "whisper"
+    WhisperModel(_tiny_encoder().config).save_pretrained(enc_dir)
+    train = _wav_manifest(tmp_path, ["go left", "go right", "stop now", "go left"], "train.jsonl")
+    test = _wav_manifest(tmp_path, ["go left", "stop"], "test.jsonl")
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text("plain words about many things in the world. " * 80)
+    out = tmp_path / "out"
+    r = run("train-speech", str(lm_folder), "--manifest", str(train), "--test", str(test), "--encoder", str(enc_dir),
+            "--order", "highest", "--budget-params", "5k", "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2",
+            "--control", str(wiki), "--adaptor-heads", "4", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    sel = json.loads((out / "selection.json").read_text())
+    assert res["steps"] == 3 and res["frozen_verified"] and 0 < res["trainable"]["llm"] <= 5000
+    assert sel["policy"]["order"] == "highest" and res["meta"]["order"] == "highest"
+    r = run("eval-speech", str(out), "--manifest", str(test), "--control", str(wiki), "--base", str(lm_folder),
+            "-o", str(tmp_path / "ev.json"))
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert ev["wer"] == pytest.approx(res["final"]["wer"]) and ev["clips"] == 2
+    assert ev["dppl"] == pytest.approx(res["final"]["dppl"], abs=1e-6)
+    assert len(json.loads((tmp_path / "ev.json").read_text())["transcripts"]) == 2
+    # bad input: one line, exit 2
+    _one_line_error(run("eval-speech", str(lm_folder), "--manifest", str(test)), "adaptor.json")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"audio": "missing.wav", "text": "x"}) + "\n")
+    _one_line_error(run("train-speech", str(lm_folder), "--manifest", str(bad), "-o", str(tmp_path / "o2")),
+                    "does not exist")

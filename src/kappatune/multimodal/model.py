@@ -27,6 +27,8 @@ class SpeechLLM(nn.Module):
         self.adaptor = SpeechAdaptor(enc_dim, llm_dim, subsample=subsample, heads=heads, layers=layers)
         self.llm = llm
         self.frames_per_feature = frames_per_feature  # Whisper's conv stem halves the mel frames
+        self.bos_id: int | None = None
+        self.eos_id: int | None = None
 
     def encode(self, features: torch.Tensor, feature_lens: torch.Tensor):
         self.encoder.eval()
@@ -43,23 +45,57 @@ class SpeechLLM(nn.Module):
         lens = torch.div(feature_lens + self.frames_per_feature - 1, self.frames_per_feature, rounding_mode="floor")
         return [frames[i, : int(min(lens[i], frames.shape[1]))] for i in range(frames.shape[0])]
 
-    def forward_frames(self, frames: list[torch.Tensor], text_ids: list[list[int]], bos_id: int, eos_id: int):
+    def forward_frames(self, frames: list[torch.Tensor], text_ids: list[list[int]], bos_id: int | None = None,
+                       eos_id: int | None = None):
         """Loss from cached encoder frames (list of (T_i, enc_dim))."""
-        lens = torch.tensor([f.shape[0] for f in frames])
+        lens = torch.tensor([f.shape[0] for f in frames], device=frames[0].device)
         padded = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
         audio, alens = self.adaptor(padded, lens)
+        return self._lm(audio, alens, text_ids, bos_id, eos_id)
+
+    def forward(self, features=None, feature_lens=None, text_ids: list[list[int]] | None = None,
+                bos_id: int | None = None, eos_id: int | None = None, frames: list[torch.Tensor] | None = None):
+        """LM loss of the text given the audio: from log-mel ``features`` (+ ``feature_lens``) through the frozen
+        encoder, or from cached encoder ``frames``. BOS/EOS default to the ids set on the model."""
+        if text_ids is None:
+            raise ValueError("text_ids is required")
+        if frames is not None:
+            return self.forward_frames(frames, text_ids, bos_id, eos_id)
+        audio, alens = self.encode(features, feature_lens)
+        return self._lm(audio, alens, text_ids, bos_id, eos_id)
+
+    def _lm(self, audio, alens, text_ids, bos_id, eos_id):
+        bos_id = self.bos_id if bos_id is None else bos_id
+        eos_id = self.eos_id if eos_id is None else eos_id
+        if bos_id is None or eos_id is None:
+            raise ValueError("bos_id and eos_id are needed (pass them or set model.bos_id / model.eos_id)")
         emb, att, lab = build_inputs(audio, alens, text_ids, self.llm.get_input_embeddings(), bos_id, eos_id)
         return self.llm(inputs_embeds=emb, attention_mask=att, labels=lab)
 
-    def forward(self, features, feature_lens, text_ids: list[list[int]], bos_id: int, eos_id: int):
-        audio, alens = self.encode(features, feature_lens)
-        emb, att, lab = build_inputs(audio, alens, text_ids, self.llm.get_input_embeddings(), bos_id, eos_id)
-        return self.llm(inputs_embeds=emb, attention_mask=att, labels=lab)
+    @torch.no_grad()
+    def transcribe_frames(self, frames: list[torch.Tensor], bos_id: int, eos_id: int,
+                          max_new_tokens: int = 64) -> list[list[int]]:
+        """Greedy decoding from cached encoder frames."""
+        was = (self.adaptor.training, self.llm.training)
+        self.adaptor.eval()
+        self.llm.eval()
+        try:
+            outs = []
+            for f in frames:
+                audio, alens = self.adaptor(f[None], torch.tensor([f.shape[0]], device=f.device))
+                outs += self._greedy(audio, alens, bos_id, eos_id, max_new_tokens)
+            return outs
+        finally:
+            self.adaptor.train(was[0])
+            self.llm.train(was[1])
 
     @torch.no_grad()
     def transcribe(self, features, feature_lens, bos_id: int, eos_id: int, max_new_tokens: int = 64) -> list[list[int]]:
         """Greedy decoding from [audio, BOS]; returns token ids per sample (without EOS)."""
         audio, alens = self.encode(features, feature_lens)
+        return self._greedy(audio, alens, bos_id, eos_id, max_new_tokens)
+
+    def _greedy(self, audio, alens, bos_id: int, eos_id: int, max_new_tokens: int) -> list[list[int]]:
         emb_layer = self.llm.get_input_embeddings()
         outs = []
         for i in range(audio.shape[0]):

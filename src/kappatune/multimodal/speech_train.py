@@ -1,25 +1,40 @@
-"""Algorithm 2 as a recipe: a manifest of (audio, text) -> frozen Whisper encoder -> adaptor -> LLM with a
-KappaTune selection (any policy) -> AdamW over the adaptor and the selected LLM tensors; WER/CER on a test
-manifest. Checkpoints hold the adaptor's state (safetensors) and the LLM's ``save_pretrained`` folder."""
+"""Algorithm 2 as a recipe over the HF Trainer: a manifest of (audio, text) -> frozen Whisper encoder -> adaptor
+-> LLM with a KappaTune selection (any policy) -> AdamW over the adaptor and the selected LLM tensors; WER/CER
+on a test manifest and the LLM's forgetting (perplexity on a general text) during and after training.
+
+Output folder::
+
+  out/model/adaptor.safetensors   the adaptor's weights        (written atomically at the end)
+  out/model/adaptor.json          its sizes + the encoder it was trained with
+  out/model/llm/                  the LLM's save_pretrained folder + tokenizer
+  out/checkpoints/checkpoint-N/   resumable Trainer checkpoints (the same three items + optimizer, scheduler,
+                                  RNG and trainer state); rerun the same command to resume
+  out/selection.json              the LLM selection
+  out/speech_train.json           WER/CER and forgetting over steps, final figures, proof frozen tensors held
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
-import random
 import shutil
 import time
 import wave
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from .._io import atomic_write_json
-from ..errors import KappaTuneError
+from ..errors import KappaTuneError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
+
+ADAPTOR_WEIGHTS = "adaptor.safetensors"
+ADAPTOR_CONFIG = "adaptor.json"
 
 
 def load_manifest(path: str) -> list[dict]:
@@ -29,6 +44,8 @@ def load_manifest(path: str) -> list[dict]:
     for i, r in enumerate(rows):
         if "audio" not in r or "text" not in r:
             raise KappaTuneError(f"{path}: line {i + 1} needs 'audio' and 'text'")
+        if not isinstance(r["text"], str) or not r["text"].strip():
+            raise KappaTuneError(f"{path}: line {i + 1} has an empty 'text'")
         if not os.path.isabs(r["audio"]):
             r["audio"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["audio"])
         if not os.path.exists(r["audio"]):
@@ -37,10 +54,13 @@ def load_manifest(path: str) -> list[dict]:
 
 
 def read_wav_16k(path: str) -> np.ndarray:
-    with wave.open(path, "rb") as w:
-        if w.getframerate() != 16000 or w.getnchannels() != 1 or w.getsampwidth() != 2:
-            raise KappaTuneError(f"{path}: need 16 kHz mono 16-bit WAV (sox in.wav -r 16000 -c 1 -b 16 out.wav)")
-        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    try:
+        with wave.open(path, "rb") as w:
+            if w.getframerate() != 16000 or w.getnchannels() != 1 or w.getsampwidth() != 2:
+                raise KappaTuneError(f"{path}: need 16 kHz mono 16-bit WAV (sox in.wav -r 16000 -c 1 -b 16 out.wav)")
+            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    except (wave.Error, EOFError) as e:
+        raise KappaTuneError(f"{path}: not a readable WAV file ({e})") from None
     return pcm.astype(np.float32) / 32768.0
 
 
@@ -55,101 +75,337 @@ def features(paths: list[str], extractor, n_frames: int):
     return out, lens
 
 
+# ------------------------------------------------------------------------------------------------ encoder cache
+def _encoder_digest(encoder) -> str:
+    h = hashlib.sha256()
+    for n, t in sorted(encoder.state_dict().items()):
+        h.update(n.encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def encode_clips(model, extractor, rows: list[dict], n_frames: int, *, batch_size: int = 8,
+                 cache_dir: str | None = None) -> list[torch.Tensor]:
+    """The frozen encoder's valid output frames for every clip, computed once.
+
+    With ``cache_dir`` they are kept in one safetensors file keyed by the encoder's weights, the feature
+    settings and each clip's path, size and modification time, so runs that share an encoder and a manifest
+    (the lowest/highest/random ablation) encode the audio once."""
+    key = None
+    if cache_dir:
+        h = hashlib.sha256(_encoder_digest(model.encoder).encode())
+        h.update(json.dumps([n_frames, extractor.feature_size, extractor.hop_length]).encode())
+        for r in rows:
+            st = os.stat(r["audio"])
+            h.update(f"{os.path.abspath(r['audio'])}|{st.st_size}|{st.st_mtime_ns}".encode())
+        key = os.path.join(cache_dir, f"frames-{h.hexdigest()[:20]}.safetensors")
+        if os.path.exists(key):
+            from safetensors.torch import load_file
+
+            d = load_file(key)
+            if len(d) == len(rows):
+                log.info("encoder frames for %d clips from the cache %s", len(rows), key)
+                return [d[str(i)] for i in range(len(rows))]
+    out: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        f, lens = features([r["audio"] for r in chunk], extractor, n_frames)
+        out += [x.clone() for x in model.encoder_frames(f, lens)]
+    log.info("encoded %d clips with the frozen encoder in %.1f s", len(rows), time.perf_counter() - t0)
+    if key:
+        from safetensors.torch import save_file
+
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = key + f".{os.getpid()}.tmp"
+        save_file({str(i): x.contiguous() for i, x in enumerate(out)}, tmp)
+        os.replace(tmp, key)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def transcribe_rows(model, tok, frames: list[torch.Tensor], max_new_tokens: int = 48) -> list[str]:
+    ids = model.transcribe_frames(frames, tok.bos_token_id, tok.eos_token_id, max_new_tokens=max_new_tokens)
+    return [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
+def evaluate_frames(model, tok, frames: list[torch.Tensor], refs: list[str], max_new_tokens: int = 48,
+                    n_examples: int = 3) -> dict:
+    from .model import word_error_rates
+
+    hyps = transcribe_rows(model, tok, frames, max_new_tokens)
+    return dict(word_error_rates(refs, hyps), clips=len(refs),
+                examples=[{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:n_examples]])
+
+
+def evaluate_speech(model, tok, rows, extractor, n_frames: int, max_new_tokens: int = 48, batch_size: int = 8):
+    """WER/CER of greedy transcripts of ``rows`` (audio through the frozen encoder)."""
+    frames = encode_clips(model, extractor, rows, n_frames, batch_size=batch_size)
+    return evaluate_frames(model, tok, frames, [r["text"] for r in rows], max_new_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ training
 @dataclass
 class SpeechTrainConfig:
     epochs: float = 1.0
-    lr: float = 1e-4
+    max_steps: int = -1          # > 0 overrides epochs
+    lr: float = 1e-4             # the selected LLM tensors
+    adaptor_lr: float | None = None  # None: same as lr
     batch_size: int = 4
+    grad_accum: int = 1
     weight_decay: float = 0.0
+    scheduler: str = "linear"
+    warmup_steps: int = 0
     seed: int = 0
-    eval_every: int = 0          # steps; 0: only at the end
+    eval_every: int = 0          # steps; 0: only before and after training
+    eval_limit: int | None = None  # test clips used for the evaluations during training (None: all)
     max_new_tokens: int = 48
+    save_steps: int = 100
+    save_total_limit: int = 1
+    logging_steps: int = 10
+    control_chunks: int = 8      # 256-token chunks of the control text for the forgetting measurement
+    progress: bool = False
+
+    def __post_init__(self):
+        for k in ("batch_size", "grad_accum", "save_steps", "logging_steps", "max_new_tokens"):
+            if getattr(self, k) <= 0:
+                raise KappaTuneError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.lr <= 0 or (self.adaptor_lr is not None and self.adaptor_lr <= 0):
+            raise KappaTuneError("learning rates must be positive")
+        if self.eval_every < 0:
+            raise KappaTuneError(f"eval_every must be >= 0, got {self.eval_every}")
 
 
-def evaluate_speech(model, tok, rows, extractor, n_frames: int, max_new_tokens: int = 48, batch_size: int = 4):
-    from .model import word_error_rates
+class _FramesDataset(torch.utils.data.Dataset):
+    def __init__(self, frames, text_ids):
+        self.frames, self.text_ids = frames, text_ids
 
-    refs, hyps = [], []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        f, l = features([r["audio"] for r in chunk], extractor, n_frames)
-        ids = model.transcribe(f, l, tok.bos_token_id, tok.eos_token_id, max_new_tokens=max_new_tokens)
-        hyps += [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
-        refs += [r["text"] for r in chunk]
-    return dict(word_error_rates(refs, hyps), examples=[{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]])
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        return {"frames": self.frames[i], "text_ids": self.text_ids[i]}
+
+
+def _collate(batch):
+    return {"frames": [b["frames"] for b in batch], "text_ids": [b["text_ids"] for b in batch]}
+
+
+def _trainer_cls():
+    from transformers import Trainer
+
+    class SpeechTrainer(Trainer):
+        """The HF Trainer with checkpoints that hold the adaptor (safetensors) and the LLM's save_pretrained
+        folder instead of one state dict of the whole wrapper (which would also copy the frozen encoder)."""
+
+        speech_tokenizer = None
+        speech_meta: dict = {}
+
+        def _save(self, output_dir=None, state_dict=None):
+            output_dir = output_dir or self.args.output_dir
+            if not self.args.should_save:
+                return
+            save_speech_model(self.accelerator.unwrap_model(self.model), self.speech_tokenizer, output_dir,
+                              self.speech_meta)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            load_speech_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+    return SpeechTrainer
+
+
+def save_speech_model(model, tok, folder: str, meta: dict | None = None) -> None:
+    """Write adaptor.safetensors, adaptor.json and llm/ (save_pretrained + tokenizer) into ``folder``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.adaptor.state_dict().items()},
+              os.path.join(folder, ADAPTOR_WEIGHTS))
+    ad = model.adaptor
+    cfg = {"enc_dim": ad.proj.in_features // ad.subsample, "llm_dim": ad.proj.out_features,
+           "subsample": ad.subsample, "heads": ad.blocks[0].attn.num_heads if len(ad.blocks) else 1,
+           "layers": len(ad.blocks), "frames_per_feature": model.frames_per_feature, **(meta or {})}
+    with open(os.path.join(folder, ADAPTOR_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=1)
+    model.llm.save_pretrained(os.path.join(folder, "llm"))
+    if tok is not None:
+        tok.save_pretrained(os.path.join(folder, "llm"))
+
+
+def load_speech_weights(model, folder: str) -> None:
+    """Load a checkpoint's adaptor and LLM weights into an existing SpeechLLM (strict)."""
+    from safetensors.torch import load_file
+
+    from ..train import _load_checkpoint_weights
+
+    path = os.path.join(folder, ADAPTOR_WEIGHTS)
+    if not os.path.exists(path):
+        raise KappaTuneError(f"{folder}: no {ADAPTOR_WEIGHTS} (not a kappatune speech checkpoint)")
+    missing, unexpected = model.adaptor.load_state_dict(load_file(path), strict=False)
+    if missing or unexpected:
+        raise KappaTuneError(f"{path} does not fit this adaptor (missing {missing[:2]}, unexpected {unexpected[:2]})")
+    _load_checkpoint_weights(model.llm, os.path.join(folder, "llm"))
+
+
+def load_speech_model(folder: str, encoder):
+    """A SpeechLLM and its tokenizer from a folder written by ``save_speech_model`` (a run's ``model/`` or
+    one of its checkpoints) and a frozen encoder."""
+    from ..train import load_model
+    from .model import SpeechLLM
+
+    cfg_path = os.path.join(folder, ADAPTOR_CONFIG)
+    if not os.path.exists(cfg_path):
+        raise KappaTuneError(f"{folder}: no {ADAPTOR_CONFIG} (give a train-speech run's model/ folder)")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    llm, tok = load_model(os.path.join(folder, "llm"))
+    if encoder.config.d_model != cfg["enc_dim"]:
+        raise KappaTuneError(f"the encoder's width {encoder.config.d_model} differs from the adaptor's {cfg['enc_dim']}")
+    model = SpeechLLM(encoder, llm, subsample=cfg["subsample"], heads=cfg["heads"], layers=cfg["layers"],
+                      frames_per_feature=cfg.get("frames_per_feature", 2))
+    from safetensors.torch import load_file
+
+    model.adaptor.load_state_dict(load_file(os.path.join(folder, ADAPTOR_WEIGHTS)))
+    model.bos_id, model.eos_id = tok.bos_token_id, tok.eos_token_id
+    model.eval()
+    return model, tok, cfg
+
+
+def _eval_callback(model, tok, test_frames, test_refs, control, base_ppl, cfg: SpeechTrainConfig):
+    from transformers import TrainerCallback
+
+    class SpeechEvalCallback(TrainerCallback):
+        """Every ``eval_every`` steps: WER/CER on the test clips and the LLM's perplexity on the control text,
+        appended to the trainer state's log history (so they survive a resume)."""
+
+        def on_step_end(self, args, state, control_, **kw):
+            if not cfg.eval_every or state.global_step % cfg.eval_every or not args.should_save:
+                return control_
+            rec = measure(model, tok, test_frames, test_refs, control, base_ppl, cfg)
+            rec["step"] = state.global_step
+            state.log_history.append(rec)
+            log.info("step %d: WER %.3f CER %.3f%s", state.global_step, rec.get("wer", float("nan")),
+                     rec.get("cer", float("nan")),
+                     f" control ppl {rec['control_ppl']:.3f} (+{rec['dppl']:.3f})" if "dppl" in rec else "")
+            return control_
+
+    return SpeechEvalCallback()
+
+
+def measure(model, tok, test_frames, test_refs, control, base_ppl, cfg: SpeechTrainConfig) -> dict:
+    from ..evaluate import perplexity
+
+    rec: dict = {}
+    if test_frames:
+        r = evaluate_frames(model, tok, test_frames, test_refs, cfg.max_new_tokens)
+        rec.update(wer=r["wer"], cer=r["cer"], clips=r["clips"], examples=r["examples"])
+    if control is not None:
+        ppl = perplexity(model.llm, tok, chunks=control)["ppl"]
+        rec.update(control_ppl=ppl, dppl=ppl - base_ppl)
+    return rec
 
 
 def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg: SpeechTrainConfig,
-                 n_frames: int) -> dict:
+                 n_frames: int, *, control_text: str | None = None, cache_dir: str | None = None,
+                 meta: dict | None = None) -> dict:
     """Train ``model`` (a SpeechLLM whose LLM already has a selection applied) and write ``out_dir``."""
-    from ..freeze import changed, snapshot
+    from transformers import TrainingArguments, set_seed
 
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    frozen = snapshot(model, only_frozen=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(1, int(len(train_rows) * cfg.epochs / cfg.batch_size))
-    # The encoder is frozen: run it once per clip and train the adaptor + LLM on cached frames.
-    cache = []
-    for i in range(0, len(train_rows), cfg.batch_size):
-        chunk = train_rows[i:i + cfg.batch_size]
-        f, l = features([r["audio"] for r in chunk], extractor, n_frames)
-        cache += model.encoder_frames(f, l)
-    log.info("encoded %d training clips once (frozen encoder)", len(cache))
-    history = []
+    from ..evaluate import control_chunks, perplexity
+    from ..freeze import tensor_digest
+    from ..integrations.trainer import FrozenTensorsCallback, GracefulStopCallback
+    from ..train import _replace_dir, last_good_checkpoint
+
+    if not train_rows:
+        raise KappaTuneError("the training manifest is empty")
+    set_seed(cfg.seed)
+    model.bos_id, model.eos_id = tok.bos_token_id, tok.eos_token_id
+    if model.bos_id is None or model.eos_id is None:
+        raise KappaTuneError("the tokenizer needs BOS and EOS tokens")
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    before = {n: tensor_digest(p) for n, p in model.named_parameters()}
+    selected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if getattr(model.llm, "_kappatune_slice_rows", None):
+        raise KappaTuneError("train-speech does not train single experts inside fused MoE tensors yet; "
+                             "select whole tensors (kappatune select --no-slices) for a MoE LLM")
+
+    train_frames = encode_clips(model, extractor, train_rows, n_frames, cache_dir=cache_dir)
+    test_sub = test_rows[: cfg.eval_limit] if cfg.eval_limit else test_rows
+    test_frames = encode_clips(model, extractor, test_rows, n_frames, cache_dir=cache_dir) if test_rows else []
+    test_refs = [r["text"] for r in test_rows]
+    control = control_chunks(tok, control_text, 256, cfg.control_chunks) if control_text else None
+    base_ppl = perplexity(model.llm, tok, chunks=control)["ppl"] if control else None
+    text_ids = [tok(r["text"], add_special_tokens=False)["input_ids"] for r in train_rows]
+
+    llm_params = [p for p in model.llm.parameters() if p.requires_grad]
+    ad_params = [p for p in model.adaptor.parameters() if p.requires_grad]
+    groups = [{"params": ad_params, "lr": cfg.adaptor_lr or cfg.lr}]
+    if llm_params:
+        groups.append({"params": llm_params, "lr": cfg.lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        model.to("cuda")
+        train_frames = [f.to("cuda") for f in train_frames]
+        test_frames = [f.to("cuda") for f in test_frames]
+    args = TrainingArguments(
+        output_dir=ckpt_dir, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
+        report_to=[], use_cpu=not use_cuda, disable_tqdm=not cfg.progress, remove_unused_columns=False,
+        dataloader_num_workers=0, dataloader_pin_memory=False,
+        ddp_backend=None if use_cuda or int(os.environ.get("WORLD_SIZE", "1")) == 1 else "gloo",
+    )
+    resume = last_good_checkpoint(ckpt_dir)
+    sub_frames, sub_refs = test_frames[: len(test_sub)], test_refs[: len(test_sub)]
+    start_path = os.path.join(out_dir, "speech_eval_step0.json")
+    if not resume:
+        rec0 = dict(measure(model, tok, sub_frames, sub_refs, control, base_ppl, cfg), step=0)
+        atomic_write_json(start_path, rec0)
+    guard, stopper = FrozenTensorsCallback(), GracefulStopCallback()
+    trainer = _trainer_cls()(model=model, args=args, train_dataset=_FramesDataset(train_frames, text_ids),
+                             data_collator=_collate, optimizers=(opt, None),
+                             callbacks=[stopper, _eval_callback(model, tok, sub_frames, sub_refs, control,
+                                                                base_ppl, cfg), guard])
+    trainer.speech_tokenizer = tok
+    trainer.speech_meta = dict(meta or {})
+    if resume:
+        log.info("resuming from %s", resume)
     t0 = time.perf_counter()
-    order = list(range(len(train_rows)))
-    for step in range(1, steps + 1):
-        if (step - 1) * cfg.batch_size % len(order) < cfg.batch_size:
-            rng.shuffle(order)
-        start = ((step - 1) * cfg.batch_size) % len(order)
-        idx = [order[(start + k) % len(order)] for k in range(cfg.batch_size)]
-        text_ids = [tok(train_rows[k]["text"], add_special_tokens=False)["input_ids"] for k in idx]
-        model.adaptor.train()
-        model.llm.train()
-        loss = model.forward_frames([cache[k] for k in idx], text_ids, tok.bos_token_id, tok.eos_token_id).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        rec = {"step": step, "loss": loss.item()}
-        if cfg.eval_every and step % cfg.eval_every == 0 and test_rows:
-            rec.update({k: v for k, v in evaluate_speech(model, tok, test_rows, extractor, n_frames,
-                                                         cfg.max_new_tokens).items() if k in ("wer", "cer")})
-        history.append(rec)
-        log.info("step %d/%d loss %.4f%s", step, steps, rec["loss"],
-                 f" WER {rec['wer']:.3f}" if "wer" in rec else "")
-    final = evaluate_speech(model, tok, test_rows, extractor, n_frames, cfg.max_new_tokens) if test_rows else {}
-    moved = changed(model, frozen)
-    if moved:
-        raise KappaTuneError(f"{len(moved)} frozen tensor(s) changed during training, e.g. {moved[0]}")
-    _save(model, tok, out_dir)
-    res = {"steps": steps, "wall_s": time.perf_counter() - t0, "history": history, "final": final,
-           "frozen_verified": True}
+    out = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - t0
+    if stopper.requested:
+        raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in "
+                                  f"{ckpt_dir}; rerun the same command to resume")
+    after = {n: tensor_digest(p) for n, p in model.named_parameters()}
+    moved = sorted(n for n in after if after[n] != before[n])
+    stray = [n for n in moved if n not in selected]
+    if stray:
+        raise KappaTuneError(f"tensor {stray[0]} changed but was not trainable")
+    final = measure(model, tok, test_frames, test_refs, control, base_ppl, cfg)
+    history = []
+    if os.path.exists(start_path):
+        with open(start_path, encoding="utf-8") as f:
+            history.append(json.load(f))
+    history += [{k: v for k, v in h.items() if k != "examples"} for h in trainer.state.log_history
+                if "wer" in h or "dppl" in h]
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    if not args.should_save:
+        return {}
+    tmp = os.path.join(out_dir, ".model-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_speech_model(model, tok, tmp, meta)
+    _replace_dir(tmp, os.path.join(out_dir, "model"))
+    n_llm = sum(p.numel() for p in llm_params)
+    res = {"steps": trainer.state.global_step, "wall_s": wall,
+           "train_loss": float(out.training_loss) if out.training_loss is not None else None,
+           "trainable": {"adaptor": sum(p.numel() for p in ad_params), "llm": n_llm,
+                         "llm_tensors": len(llm_params)},
+           "changed_tensors": len(moved), "frozen_verified": bool(guard.verified),
+           "base_control_ppl": base_ppl, "final": final, "history": history, "losses": losses,
+           "config": asdict(cfg), "meta": meta or {}}
+    res = json.loads(json.dumps(res, default=str))
     atomic_write_json(os.path.join(out_dir, "speech_train.json"), res)
     return res
-
-
-def _save(model, tok, out_dir: str) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".ckpt-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().contiguous() for k, v in model.adaptor.state_dict().items()},
-              os.path.join(tmp, "adaptor.safetensors"))
-    cfg = {"enc_dim": model.adaptor.proj.in_features // model.adaptor.subsample,
-           "llm_dim": model.adaptor.proj.out_features, "subsample": model.adaptor.subsample,
-           "heads": model.adaptor.blocks[0].attn.num_heads if len(model.adaptor.blocks) else 1,
-           "layers": len(model.adaptor.blocks)}
-    with open(os.path.join(tmp, "adaptor.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f)
-    model.llm.save_pretrained(os.path.join(tmp, "llm"))
-    tok.save_pretrained(os.path.join(tmp, "llm"))
-    final = os.path.join(out_dir, "checkpoint")
-    shutil.rmtree(final + ".old", ignore_errors=True)
-    if os.path.exists(final):
-        os.replace(final, final + ".old")
-    os.replace(tmp, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
