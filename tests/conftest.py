@@ -64,6 +64,7 @@ def convnet():
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KAPPATUNE_CACHE_DIR", str(tmp_path / "kt-cache"))
+    monkeypatch.setenv("KAPPATUNE_SPEECH_CACHE_DIR", str(tmp_path / "kt-speech-cache"))
 
 
 def np_kappa(mat) -> float:

@@ -213,6 +213,7 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     res = json.loads(r.stdout)
     sel = json.loads((out / "selection.json").read_text())
     assert res["steps"] == 3 and res["frozen_verified"] and 0 < res["trainable"]["llm"] <= 5000
+    assert len(list((tmp_path / "kt-speech-cache").glob("frames-*.safetensors"))) == 2  # train + test clips
     assert sel["policy"]["order"] == "highest" and res["meta"]["order"] == "highest"
     r = run("eval-speech", str(out), "--manifest", str(test), "--control", str(wiki), "--base", str(lm_folder),
             "-o", str(tmp_path / "ev.json"))
@@ -227,3 +228,27 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     bad.write_text(json.dumps({"audio": "missing.wav", "text": "x"}) + "\n")
     _one_line_error(run("train-speech", str(lm_folder), "--manifest", str(bad), "-o", str(tmp_path / "o2")),
                     "does not exist")
+
+
+def test_encoder_frames_cache_is_exact_and_reused(tmp_path):
+    from transformers import WhisperFeatureExtractor
+
+    from kappatune.multimodal.speech_train import encode_clips, load_manifest
+
+    rows = load_manifest(str(_wav_manifest(tmp_path, ["a b", "c d", "e"])))
+    model, _ = _speech_setup()
+    fe = WhisperFeatureExtractor(feature_size=8)
+    plain = encode_clips(model, fe, rows, 24, batch_size=2)
+    first = encode_clips(model, fe, rows, 24, batch_size=2, cache_dir=str(tmp_path / "c"))
+
+    def boom(*a, **k):
+        raise AssertionError("the encoder ran although the frames were cached")
+
+    model.encoder_frames = boom
+    again = encode_clips(model, fe, rows, 24, cache_dir=str(tmp_path / "c"))
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, first, again))
+    # a changed encoder is a different cache entry
+    other, _ = _speech_setup()
+    with torch.no_grad():
+        next(other.encoder.parameters()).add_(1.0)
+    assert not torch.equal(encode_clips(other, fe, rows, 24, cache_dir=str(tmp_path / "c"))[0], plain[0])

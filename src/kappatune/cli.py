@@ -198,6 +198,12 @@ def _add_train(sub):
     p.add_argument("--save-steps", type=int, default=50)
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CUDA only)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing (non-reentrant, so frozen embeddings do not cut the gradient)")
+    p.add_argument("--fsdp", help="FSDP under torchrun/accelerate, e.g. 'full_shard auto_wrap' (use_orig_params "
+                                  "is turned on: the model is partly frozen)")
+    p.add_argument("--fsdp-config", help="FSDP config JSON (TrainingArguments.fsdp_config)")
+    p.add_argument("--deepspeed", help="DeepSpeed config JSON (e.g. examples/distributed/ds_zero3.json)")
     p.add_argument("--lora-rank", type=int, help="fixed LoRA rank (default: matched to --budget-params)")
     p.add_argument("--lora-targets", default=LORA_TARGETS_HELP)
     p.add_argument("--lora-count", type=int, help="kappatune-lora: number of lowest-kappa modules (default 20%%)")
@@ -223,9 +229,13 @@ def cmd_train(a) -> int:
                       weight_decay=a.weight_decay, scheduler=a.scheduler, warmup_ratio=a.warmup_ratio,
                       max_length=a.max_length, loss_on=a.loss_on, template=template or DEFAULT_TEMPLATE,
                       answer_field="" if raw else a.answer_field, save_steps=a.save_steps,
-                      logging_steps=a.logging_steps, bf16=a.bf16, lora_rank=a.lora_rank,
+                      logging_steps=a.logging_steps, bf16=a.bf16, gradient_checkpointing=a.gradient_checkpointing,
+                      fsdp=a.fsdp or "", fsdp_config=a.fsdp_config, deepspeed=a.deepspeed, lora_rank=a.lora_rank,
                       lora_targets=tuple(t for t in a.lora_targets.split(",") if t), lora_count=a.lora_count,
                       include=tuple(a.include), exclude=tuple(a.exclude), progress=not a.no_progress)
+    from .train import check_engine
+
+    check_engine(cfg)
     rows = load_records(a.data)
     if raw and "text" not in rows[0]:
         raise KappaTuneError(f"{a.data}: no 'text' column")
@@ -420,6 +430,8 @@ def _add_train_speech(sub):
     p.add_argument("--save-steps", type=int, default=100)
     p.add_argument("--adaptor-heads", type=int, default=None, help="default: the LLM's attention heads")
     p.add_argument("--adaptor-layers", type=int, default=2)
+    p.add_argument("--frames-cache", help="folder for the frozen encoder's cached frames (default "
+                                          "~/.cache/kappatune/speech-frames or $KAPPATUNE_SPEECH_CACHE_DIR; 'none')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", required=True)
     p.set_defaults(func=cmd_train_speech)
@@ -503,9 +515,9 @@ def cmd_train_speech(a) -> int:
     os.makedirs(a.output, exist_ok=True)
     if sel is not None:
         sel.save(os.path.join(a.output, "selection.json"))
-    from .data import models_cache_dir
+    from .multimodal.speech_train import frames_cache_dir
 
-    cache = os.path.join(os.path.dirname(models_cache_dir()), "speech-frames")
+    cache = None if a.frames_cache == "none" else (a.frames_cache or frames_cache_dir())
     meta = {"encoder": a.encoder, "order": a.order if budget else "none", "budget_params": budget}
     with contextlib.redirect_stdout(sys.stderr):
         res = train_speech(model, tok, fe, train_rows, test_rows, a.output, cfg, n_frames, control_text=control,

@@ -48,6 +48,12 @@ class ModuleSource(Source):
                 owners[f"{mod_name}.{p_name}" if mod_name else p_name] = type(mod).__name__
         self._params = dict(model.named_parameters())  # tied parameters appear once
         self._owners = owners
+        from .integrations.fsdp import is_sharded
+
+        for n, p in self._params.items():
+            if is_sharded(p):
+                raise KappaTuneError(f"parameter {n} is sharded (FSDP / DeepSpeed ZeRO-3): scan the model before "
+                                     f"sharding it, or scan its checkpoint folder (kappatune scan PATH)")
 
     def entries(self) -> list[Entry]:
         return [Entry(n, tuple(p.shape), str(p.dtype).replace("torch.", ""), self._owners.get(n))

@@ -66,6 +66,10 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 10
     bf16: bool = False
+    gradient_checkpointing: bool = False       # activation checkpointing, safe with frozen embeddings
+    fsdp: str = ""                             # TrainingArguments.fsdp, e.g. "full_shard auto_wrap"
+    fsdp_config: dict | str | None = None      # dict or JSON path; use_orig_params is forced on (partly frozen)
+    deepspeed: str | dict | None = None        # DeepSpeed JSON config (path or dict), e.g. ZeRO-3
     lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
     lora_rank: int | None = None               # None: matched to budget_params
     lora_alpha_ratio: float = 2.0              # alpha = ratio * rank (the paper: r=16, alpha=32)
@@ -259,6 +263,7 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     template = PromptTemplate(cfg.template, cfg.answer_field) if cfg.answer_field else None
     if template is not None:
         template.check(rows)
+    engine = check_engine(cfg)
     set_seed(cfg.seed)
     os.makedirs(output_dir, exist_ok=True)
     ckpt_dir = os.path.join(output_dir, "checkpoints")
@@ -283,7 +288,7 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     examples = tokenize_examples(rows, tokenizer, template, max_length=cfg.max_length, loss_on=cfg.loss_on)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
     use_cuda = torch.cuda.is_available()
-    args = TrainingArguments(
+    args = TrainingArguments(**engine,
         output_dir=ckpt_dir, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps,
@@ -292,6 +297,10 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
         remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
         ddp_backend=None if use_cuda or int(os.environ.get("WORLD_SIZE", "1")) == 1 else "gloo",
     )
+    if cfg.gradient_checkpointing:
+        from .integrations.trainer import enable_activation_checkpointing
+
+        enable_activation_checkpointing(prep.model, use_reentrant=False)
     guard, stopper = FrozenTensorsCallback(), GracefulStopCallback()
     optimizers = (None, None)
     if prep.selection is not None and prep.selection.has_slices:
@@ -370,6 +379,52 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     atomic_write_json(os.path.join(output_dir, "train_summary.json"), _jsonable(asdict(res)))
     _end_dist(group_before)
     return res
+
+
+def check_engine(cfg: TrainConfig) -> dict:
+    """Validate the FSDP / DeepSpeed settings (before anything is loaded or written); the TrainingArguments
+    keywords they become."""
+    engine = _engine_args(cfg)
+    if cfg.fsdp and not _has_accelerator():
+        raise KappaTuneError("FSDP through the HF Trainer runs only on GPUs (accelerate silently uses DDP on CPU); "
+                             "drop --fsdp here, or use kappatune.integrations.fsdp.shard (FSDP2) in your own loop")
+    return engine
+
+
+def _has_accelerator() -> bool:
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "current_accelerator"):
+        return acc.current_accelerator() is not None
+    return torch.cuda.is_available()
+
+
+def _engine_args(cfg: TrainConfig) -> dict:
+    """FSDP / DeepSpeed settings for TrainingArguments, checked for a partly frozen model."""
+    out: dict = {}
+    if cfg.fsdp:
+        fc = cfg.fsdp_config
+        if isinstance(fc, str):
+            try:
+                with open(fc, encoding="utf-8") as f:
+                    fc = json.load(f)
+            except (OSError, ValueError) as e:
+                raise KappaTuneError(f"--fsdp-config {cfg.fsdp_config}: {e}") from None
+        fc = dict(fc or {})
+        version = int(fc.get("version", fc.get("fsdp_version", 1)))
+        if version == 1:
+            # FSDP1 flattens each wrapped module's parameters into one FlatParameter, which has a single
+            # requires_grad: a module mixing frozen and selected tensors needs use_orig_params=True
+            if str(fc.get("use_orig_params", True)).lower() in ("false", "0"):
+                raise KappaTuneError("FSDP with a partly frozen model needs use_orig_params=True (FSDP1 flattens a "
+                                     "module's frozen and trainable tensors into one parameter); remove "
+                                     "use_orig_params=false from the FSDP config or use FSDP2 (version 2)")
+            fc["use_orig_params"] = True
+        out.update(fsdp=cfg.fsdp, fsdp_config=fc)
+    if cfg.deepspeed:
+        if cfg.fsdp:
+            raise KappaTuneError("choose FSDP or DeepSpeed, not both")
+        out["deepspeed"] = cfg.deepspeed
+    return out
 
 
 def _dist_initialized() -> bool:

@@ -28,6 +28,29 @@ def prepare(model, selection: Selection, *, check: bool = True) -> TrainableSumm
     return apply(model, selection, check=check)
 
 
+def enable_activation_checkpointing(model, *, use_reentrant: bool = False) -> None:
+    """Activation (gradient) checkpointing that still reaches the selected tensors.
+
+    With KappaTune the embeddings are usually frozen, so the hidden states entering the first checkpointed
+    block do not require grad. Reentrant checkpointing (``use_reentrant=True``, the old default) then returns
+    no gradient for any parameter inside the blocks: the selected tensors silently stop training. This turns
+    checkpointing on with ``use_reentrant=False`` by default, and when reentrant checkpointing is asked for it
+    also makes the embedding output require grad (``enable_input_require_grads``). Works on PEFT models too.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise KappaTuneError(f"{type(base).__name__} does not support activation checkpointing")
+    if use_reentrant:
+        base.enable_input_require_grads()
+    if getattr(base.config, "use_cache", False):
+        base.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+
+
 class FrozenTensorsCallback(TrainerCallback):
     """Hashes every frozen parameter when training starts and proves at the end none of them changed."""
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -76,6 +75,13 @@ def features(paths: list[str], extractor, n_frames: int):
 
 
 # ------------------------------------------------------------------------------------------------ encoder cache
+def frames_cache_dir() -> str:
+    """Where encoder frames are cached: $KAPPATUNE_SPEECH_CACHE_DIR or ~/.cache/kappatune/speech-frames."""
+    return os.environ.get("KAPPATUNE_SPEECH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kappatune",
+        "speech-frames")
+
+
 def _encoder_digest(encoder) -> str:
     h = hashlib.sha256()
     for n, t in sorted(encoder.state_dict().items()):
@@ -261,7 +267,8 @@ def load_speech_model(folder: str, encoder):
     llm, tok = load_model(os.path.join(folder, "llm"))
     if encoder.config.d_model != cfg["enc_dim"]:
         raise KappaTuneError(f"the encoder's width {encoder.config.d_model} differs from the adaptor's {cfg['enc_dim']}")
-    model = SpeechLLM(encoder, llm, subsample=cfg["subsample"], heads=cfg["heads"], layers=cfg["layers"],
+    model = SpeechLLM(encoder, llm, subsample=cfg["subsample"], heads=cfg["heads"],
+                      layers=cfg["layers"],
                       frames_per_feature=cfg.get("frames_per_feature", 2))
     from safetensors.torch import load_file
 
