@@ -69,14 +69,15 @@ def test_train_with_gradient_checkpointing_matches_plain_training(tmp_path):
 def test_fsdp_settings_force_use_orig_params_and_refuse_the_opposite(tmp_path):
     from kappatune.train import TrainConfig, _engine_args
 
-    a = _engine_args(TrainConfig(fsdp="full_shard auto_wrap"))
+    a = _engine_args(TrainConfig(fsdp="full_shard auto_wrap", fsdp_config={"version": 1}))
     assert a["fsdp"] == "full_shard auto_wrap" and a["fsdp_config"]["use_orig_params"] is True
     p = tmp_path / "fsdp.json"
-    p.write_text(json.dumps({"use_orig_params": False}))
+    p.write_text(json.dumps({"version": 1, "use_orig_params": False}))
     with pytest.raises(KappaTuneError, match="use_orig_params"):
         _engine_args(TrainConfig(fsdp="full_shard", fsdp_config=str(p)))
-    # FSDP2 keeps per-parameter requires_grad: nothing to force
-    assert "use_orig_params" not in _engine_args(TrainConfig(fsdp="full_shard", fsdp_config={"version": 2}))["fsdp_config"]
+    # FSDP2 (transformers' default) keeps per-parameter requires_grad: nothing to force
+    for fc in ({"version": 2}, None):
+        assert "use_orig_params" not in _engine_args(TrainConfig(fsdp="full_shard", fsdp_config=fc))["fsdp_config"]
     with pytest.raises(KappaTuneError, match="not both"):
         _engine_args(TrainConfig(fsdp="full_shard", deepspeed={"zero_optimization": {"stage": 3}}))
     with pytest.raises(KappaTuneError, match="fsdp-config"):
@@ -134,3 +135,44 @@ def test_cli_train_fsdp_on_cpu_is_refused_before_writing_anything(lm_folder, tmp
     _one_line_error(run("train", str(lm_folder), "--data", str(data), "--fsdp", "full_shard auto_wrap",
                         "-o", str(out)), "FSDP", "GPU")
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_cpu_processes_match_ddp(lm_folder, tmp_path):
+    """DeepSpeed ZeRO-3 (2 CPU processes, gloo): frozen tensors bit-identical to the input model, both ranks
+    identical, and the trained weights equal to a 2-process DDP run of the same command."""
+    pytest.importorskip("deepspeed")
+    import os
+    import shutil
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    exe, kt = shutil.which("torchrun"), shutil.which("kappatune")
+    if exe is None or kt is None:
+        pytest.skip("torchrun / kappatune entry point not on PATH")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(16)))
+    ds_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "distributed",
+                          "ds_zero3.json")
+    outs = {}
+    for name, extra in (("zero3", ["--deepspeed", ds_cfg]), ("ddp", [])):
+        out = tmp_path / name
+        r = subprocess.run([exe, "--nproc_per_node=2", "--master_port=29537", "--no-python", kt, "train",
+                            str(lm_folder), "--data", str(data), "--budget-params", "3k", "--max-steps", "3",
+                            "--batch-size", "2", "--lr", "0.01", "-o", str(out), "--no-progress", *extra],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        man = json.loads((out / "manifest.json").read_text())
+        assert man["world_size"] == 2 and man["ranks_identical"] is True and man["frozen_verified"]
+        outs[name] = (man, load_file(str(out / "model" / "model.safetensors")))
+    base = load_file(str(lm_folder / "model.safetensors"))
+    man, w = outs["zero3"]
+    selected = {c["name"] for c in man["changed"]}
+    assert selected and all(c["numel"] > 0 for c in man["changed"])
+    for k, v in base.items():
+        if k in selected:
+            assert not torch.equal(w[k], v)
+            torch.testing.assert_close(w[k], outs["ddp"][1][k], rtol=1e-4, atol=1e-6)
+        else:
+            assert torch.equal(w[k], v), k

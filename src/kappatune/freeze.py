@@ -101,10 +101,33 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def gathered(p: torch.Tensor) -> torch.Tensor:
+    """The full value of a parameter, also when it is a DeepSpeed ZeRO-3 partition or an FSDP2 DTensor (then
+    a collective: every rank must call it for the same parameters in the same order). A CPU copy for sharded
+    parameters, the parameter itself otherwise."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            return p.data.detach().cpu().clone()
+    full = getattr(p, "full_tensor", None)
+    if full is not None:
+        return full().detach().cpu()
+    return p
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def param_digest(p: torch.Tensor) -> str:
+    return tensor_digest(gathered(p))
+
+
 def snapshot(model: torch.nn.Module, only_frozen: bool = True) -> dict[str, str]:
     """Content hashes of the frozen parameters (and of the unselected rows of fused parameters trained by
     slice), to verify later that none moved. Keys of the latter end in ``@unselected``."""
-    out = {n: tensor_digest(p) for n, p in model.named_parameters() if not (only_frozen and p.requires_grad)}
+    out = {n: param_digest(p) for n, p in model.named_parameters() if not (only_frozen and p.requires_grad)}
     rows = getattr(model, "_kappatune_slice_rows", None)
     if only_frozen and rows:
         from .slices import slice_snapshot
@@ -127,6 +150,6 @@ def changed(model: torch.nn.Module, snap: dict[str, str]) -> list[str]:
         if n.endswith("@unselected"):
             if now.get(n) != d:
                 out.append(n)
-        elif n in params and tensor_digest(params[n]) != d:
+        elif n in params and param_digest(params[n]) != d:
             out.append(n)
     return out

@@ -45,8 +45,8 @@ def shard(model: torch.nn.Module, *, mesh=None, layer_classes: tuple[type, ...] 
     if not (dist.is_available() and dist.is_initialized()):
         raise KappaTuneError("FSDP needs a process group: launch with torchrun / accelerate launch")
     if getattr(model, "_kappatune_slice_rows", None):
-        raise KappaTuneError("this selection trains single experts inside fused MoE tensors; under FSDP select "
-                             "whole tensors (policy option slices=False)")
+        raise KappaTuneError("this selection trains single experts inside fused MoE tensors; under FSDP leave "
+                             "them out (select(..., exclude=['.*@.*']))")
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
