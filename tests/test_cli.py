@@ -120,3 +120,14 @@ def test_cli_imports_no_torch_for_help_and_version():
     from kappatune.train import LORA_DEFAULT_TARGETS
 
     assert LORA_TARGETS_HELP == ",".join(LORA_DEFAULT_TARGETS)
+
+
+def test_cli_reference_is_up_to_date():
+    """docs/cli.md is generated from the parser; a changed option must regenerate it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gen_cli_docs.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
