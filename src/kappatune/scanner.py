@@ -150,6 +150,7 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
                      rank, world) if world > 1 else list(by_source)
     n_workers = _workers(workers, max(len(my_keys), 1))
     old_threads = torch.get_num_threads()
+    limiter = None
     try:
         if n_workers == 1:
             for key in my_keys:
@@ -166,6 +167,7 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
             from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
             torch.set_num_threads(1)
+            limiter = _blas_single_thread()  # scipy's BLAS (dsyrk) too, not only torch's
             keys = my_keys
             cost = {k: _task_bytes(by_source[k], src_bytes.get(k, 0)) for k in keys}
             budget = memory_budget if memory_budget is not None else max(3 * max(src_bytes.values() or [0]),
@@ -193,6 +195,8 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
                         bar.update(len(res))
     finally:
         torch.set_num_threads(old_threads)
+        if n_workers > 1 and limiter is not None:
+            limiter.restore_original_limits()
         bar.close()
         src.close()
     if world > 1:  # every rank gets every result; the report is the same on all ranks
@@ -314,3 +318,15 @@ def _progress(total: int, enabled: bool):
     except ImportError:
         return _NoBar()
     return tqdm(total=total, desc="kappa scan", unit="unit", leave=False)
+
+
+def _blas_single_thread():
+    """Limit every loaded BLAS (torch's, scipy's OpenBLAS) to one thread while scan threads run."""
+    from .spectral import _syrk
+
+    _syrk()  # load scipy's BLAS first: threadpoolctl only limits libraries already loaded
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency
+        return None
+    return threadpool_limits(limits=1, user_api="blas")

@@ -182,21 +182,55 @@ def _buffer(n: int) -> torch.Tensor:
     return buf[:n]
 
 
-def gram64(a: torch.Tensor) -> torch.Tensor:
+def _syrk():
+    """scipy's BLAS ``dsyrk`` (symmetric rank-k update: half the flops of a general product), or None."""
+    global _SYRK
+    if _SYRK is None:
+        try:
+            from scipy.linalg.blas import dsyrk
+
+            _SYRK = dsyrk
+        except ImportError:  # pragma: no cover - scipy is a dependency
+            _SYRK = False
+    return _SYRK or None
+
+
+_SYRK = None
+
+
+def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
     """float64 ``a @ a.T`` of a (p, q) matrix of any float dtype, upcast one column block at a time into a
-    reused buffer (never a full float64 copy of ``a``)."""
+    reused buffer (never a full float64 copy of ``a``). On CPU the products go through BLAS ``dsyrk``, which
+    computes one triangle only (half the flops of ``addmm``); the other triangle is mirrored at the end."""
     p, q = a.shape
-    g = torch.zeros(p, p, dtype=torch.float64, device=a.device)
-    if a.dtype == torch.float64 or a.device.type != "cpu":
-        a64 = a.to(torch.float64)
-        return g.addmm_(a64, a64.T)
+    syrk = _syrk() if use_syrk and a.device.type == "cpu" else None
+    if syrk is None:
+        g = torch.zeros(p, p, dtype=torch.float64, device=a.device)
+        if a.dtype == torch.float64 or a.device.type != "cpu":
+            a64 = a.to(torch.float64)
+            return g.addmm_(a64, a64.T)
+        blk = max(1, min(q, max(256, GRAM_BLOCK_ELEMS // p)))
+        for j in range(0, q, blk):
+            c = a[:, j:j + blk]
+            b = _buffer(c.numel()).view(c.shape)
+            b.copy_(c)
+            g.addmm_(b, b.T)
+        return g
+    import numpy as np
+
+    c_f = np.zeros((p, p), dtype=np.float64, order="F")
     blk = max(1, min(q, max(256, GRAM_BLOCK_ELEMS // p)))
     for j in range(0, q, blk):
         c = a[:, j:j + blk]
-        b = _buffer(c.numel()).view(c.shape)
-        b.copy_(c)
-        g.addmm_(b, b.T)
-    return g
+        if a.dtype == torch.float64 and c.is_contiguous():
+            b = c
+        else:
+            b = _buffer(c.numel()).view(c.shape)
+            b.copy_(c)
+        # b is (p, k) row-major, i.e. the column-major (k, p) matrix b^T: trans=1 gives (b^T)^T b^T = b b^T
+        c_f = syrk(1.0, b.numpy().T, beta=1.0, c=c_f, trans=1, lower=0, overwrite_c=1)
+    g = torch.from_numpy(np.ascontiguousarray(c_f))  # upper triangle filled
+    return g.triu_().add_(g.triu(1).T)
 
 
 def _as_float64(w: torch.Tensor) -> torch.Tensor:
