@@ -152,3 +152,21 @@ def test_large_rank_deficient_is_singular():
     a = torch.randn(300, 40, dtype=torch.float64) @ torch.randn(40, 250, dtype=torch.float64)
     s = spectrum(a)
     assert s.status == "singular" and s.kappa == math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kappa", [10.0, 1e6])
+@pytest.mark.parametrize("wide", [True, False])
+def test_spectrum_never_modifies_its_input(dtype, kappa, wide):
+    """The Gram is factored in place and the QR route may factor its float64 copy in place: never the
+    caller's tensor (a float64 input is used without a copy on the Gram route)."""
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(450, 200, generator=g, dtype=torch.float64))
+    a = ((u * torch.logspace(0, -math.log10(kappa), 200, dtype=torch.float64)) @ v.T).to(dtype)
+    a = a if wide else a.T.contiguous()
+    before = a.clone()
+    sp = spectrum(a)
+    assert torch.equal(a, before)
+    ref = np.linalg.svd(before.double().numpy(), compute_uv=False)
+    assert sp.kappa == pytest.approx(ref[0] / ref[-1], rel=1e-6)

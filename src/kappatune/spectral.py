@@ -148,11 +148,52 @@ def _extremes_gram(g: torch.Tensor) -> tuple[tuple[float, float, float, str] | N
     return (math.sqrt(hi), math.sqrt(lo), log2_sum, "gram-lanczos"), math.sqrt(hi)
 
 
-def _extremes_qr(a: torch.Tensor, s_max: float | None = None) -> tuple[float, float, float, str] | None:
+def _extremes_gram_lean(c_f) -> tuple[tuple[float, float, float, str] | None, float | None]:
+    """``_extremes_gram`` on the column-major upper-triangle Gram of ``_gram_upper``, factored in place by
+    LAPACK ``dpotrf``: the Gram and its Cholesky factor share one p x p buffer (half the memory of keeping
+    both), and Lanczos applies G as U^T (U x). ``c_f`` is overwritten."""
+    import numpy as np
+
+    p = c_f.shape[0]
+    if p <= DENSE_MAX_P:
+        g = torch.from_numpy(np.ascontiguousarray(c_f))
+        return _extremes_gram(g.triu_().add_(g.triu(1).T))
+    from scipy.linalg.lapack import dpotrf
+
+    u_f, info = dpotrf(c_f, lower=0, clean=0, overwrite_a=1)  # G = U^T U, U upper (strict lower stays 0)
+    if info != 0:
+        return None, None
+    low = torch.from_numpy(u_f.T)  # C-contiguous view: L = U^T, lower triangular
+    diag = torch.diagonal(low)
+    if float(diag.min()) <= 0.0:
+        return None, None
+    log2_sum = float(torch.log2(diag).sum())
+    hi = _lanczos_max(lambda x: low @ (low.T @ x), p)
+    inv_hi = (_lanczos_max(lambda x: torch.cholesky_solve(x[:, None], low)[:, 0], p) if hi is not None else None)
+    if hi is None or inv_hi is None or inv_hi <= 0:
+        return _extremes_gram(low @ low.T)  # rare (clustered extremes): dense solver on G = L L^T
+    lo = 1.0 / inv_hi
+    if hi > lo * GRAM_TRUSTED_KAPPA ** 2:
+        return None, math.sqrt(hi)
+    return (math.sqrt(hi), math.sqrt(lo), log2_sum, "gram-lanczos"), math.sqrt(hi)
+
+
+def _extremes_qr(a: torch.Tensor, s_max: float | None = None, *,
+                 overwrite: bool = False) -> tuple[float, float, float, str] | None:
     """Same from R of a Householder QR of the tall orientation: backward stable, so sigma_min keeps a
     relative error ~ eps * kappa (not eps * kappa^2 as through the Gram)."""
     p = a.shape[0]
-    r = torch.linalg.qr(a.T, mode="r").R  # (p, p) upper triangular, a a^T = R^T R
+    if overwrite and a.device.type == "cpu" and a.dtype == torch.float64 and a.is_contiguous() \
+            and _syrk() is not None:
+        from scipy.linalg.lapack import dgeqrf
+
+        # a is row-major (p, q): its numpy transpose is the column-major tall (q, p) matrix, factored in place
+        qr, _, _, info = dgeqrf(a.numpy().T, overwrite_a=1)
+        if info != 0:
+            return None
+        r = torch.from_numpy(qr[:p, :p].copy()).triu_()  # a a^T = R^T R; a is overwritten
+    else:
+        r = torch.linalg.qr(a.T, mode="r").R  # (p, p) upper triangular, a a^T = R^T R
     d = torch.diagonal(r).abs()
     if float(d.min()) == 0.0:
         return None
@@ -180,6 +221,17 @@ def _buffer(n: int) -> torch.Tensor:
         buf = torch.empty(n, dtype=torch.float64)
         _tls.buf = buf
     return buf[:n]
+
+
+#: A per-thread float64 buffer larger than this is released after use (big matrices on the QR / SVD routes
+#: would otherwise keep a float64 copy of the largest one alive per worker for the rest of the scan).
+KEEP_BUFFER_ELEMS = 1 << 23
+
+
+def _trim_buffer() -> None:
+    buf = getattr(_tls, "buf", None)
+    if buf is not None and buf.numel() > KEEP_BUFFER_ELEMS:
+        _tls.buf = None
 
 
 def _syrk():
@@ -216,8 +268,17 @@ def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
             b.copy_(c)
             g.addmm_(b, b.T)
         return g
+    g = torch.from_numpy(np.ascontiguousarray(_gram_upper(a, syrk)))  # upper triangle filled
+    return g.triu_().add_(g.triu(1).T)
+
+
+def _gram_upper(a: torch.Tensor, syrk):
+    """float64 Gram ``a @ a.T`` as a column-major numpy array with only its upper triangle filled (the strict
+    lower triangle is zero), accumulated by ``dsyrk`` over column blocks of ``a`` upcast into a reused buffer.
+    Column-major so LAPACK (``dpotrf``) can factor it in place."""
     import numpy as np
 
+    p, q = a.shape
     c_f = np.zeros((p, p), dtype=np.float64, order="F")
     blk = max(1, min(q, max(256, GRAM_BLOCK_ELEMS // p)))
     for j in range(0, q, blk):
@@ -229,8 +290,7 @@ def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
             b.copy_(c)
         # b is (p, k) row-major, i.e. the column-major (k, p) matrix b^T: trans=1 gives (b^T)^T b^T = b b^T
         c_f = syrk(1.0, b.numpy().T, beta=1.0, c=c_f, trans=1, lower=0, overwrite_c=1)
-    g = torch.from_numpy(np.ascontiguousarray(c_f))  # upper triangle filled
-    return g.triu_().add_(g.triu(1).T)
+    return c_f
 
 
 def _as_float64(w: torch.Tensor) -> torch.Tensor:
@@ -265,8 +325,13 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
         a = _as_float64(w2)
         fro_sq = float(a.reshape(-1) @ a.reshape(-1))
     else:
-        g = gram64(w2)
-        fro_sq = float(torch.trace(g))  # = ||W||_F^2; NaN/Inf anywhere in W makes it non-finite
+        syrk = _syrk() if w2.device.type == "cpu" else None
+        if syrk is not None:
+            g = _gram_upper(w2, syrk)  # column-major numpy, upper triangle
+            fro_sq = float(g.trace())
+        else:
+            g = gram64(w2)
+            fro_sq = float(torch.trace(g))  # = ||W||_F^2; NaN/Inf anywhere in W makes it non-finite
     if not math.isfinite(fro_sq) and not bool(torch.isfinite(w).all()):
         nan = math.nan
         return Spectrum(nan, nan, nan, nan, nan, nan, nan, nan, "nonfinite", "none")
@@ -274,19 +339,24 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
         return _figures(-math.inf, 0.0, 0.0, 0.0, p, m, n, input_var, "none")
     s_max_gram = None
     if not force_exact:
-        got, s_max_gram = _extremes_gram(g)
+        got, s_max_gram = _extremes_gram(g) if torch.is_tensor(g) else _extremes_gram_lean(g)
         if got is not None:
             s_max, s_min, log2_sum, method = got
             return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, method)
     del g
     if not force_exact:
         a = _as_float64(w2)  # the routes below need the matrix itself in float64
-    if not force_exact and p > DENSE_MAX_P:
-        got = _extremes_qr(a, s_max_gram)
-        if got is not None:
-            s_max, s_min, log2_sum, method = got
-            return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, method)
-    s = torch.linalg.svdvals(a)  # descending, float64
+    try:
+        if not force_exact and p > DENSE_MAX_P:
+            # our own float64 copy may be factored in place; the caller's float64 tensor never is
+            got = _extremes_qr(a, s_max_gram, overwrite=a.data_ptr() != w2.data_ptr())
+            if got is not None:
+                s_max, s_min, log2_sum, method = got
+                return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, method)
+            a = _as_float64(w2)
+        s = torch.linalg.svdvals(a)  # descending, float64
+    finally:
+        _trim_buffer()
     s_max, s_min = float(s[0]), float(s[-1])
     log2_sum = float(torch.sum(torch.log2(s))) if s_min > 0 else -math.inf
     return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, "svd")
