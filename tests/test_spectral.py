@@ -170,3 +170,18 @@ def test_spectrum_never_modifies_its_input(dtype, kappa, wide):
     assert torch.equal(a, before)
     ref = np.linalg.svd(before.double().numpy(), compute_uv=False)
     assert sp.kappa == pytest.approx(ref[0] / ref[-1], rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7, 3000), (300, 300), (120, 5000)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gram64_matches_float64_product(shape, dtype):
+    from kappatune.spectral import gram64
+
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = a.double() @ a.double().T
+    for use_syrk in (True, False):
+        g = gram64(a, use_syrk=use_syrk)
+        assert torch.equal(g, g.T) or not use_syrk
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-9)
+    strided = torch.randn(80, 900, generator=torch.Generator().manual_seed(2))[:, ::3]
+    torch.testing.assert_close(gram64(strided), strided.double() @ strided.double().T, rtol=1e-12, atol=1e-9)
