@@ -16,7 +16,9 @@ import time
 
 import torch
 
-SHAPES = [(256, 768, 24), (512, 1536, 16), (1024, 1024, 8), (1024, 2816, 6), (2048, 2048, 3), (2048, 5632, 2)]
+# (p, q, count): 10 to 3000 matrices per batch, 64 to 4096 on the short side; one shape at three counts
+SHAPES = [(64, 192, 3000), (256, 768, 10), (256, 768, 100), (256, 768, 1000), (512, 1536, 40), (1024, 2816, 10),
+          (2048, 2048, 10), (2048, 5632, 6), (4096, 4096, 3), (4096, 11008, 2)]
 
 
 def model_shapes(name: str) -> list[tuple[int, int, int]]:
@@ -42,6 +44,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for p, q, n in SHAPES:
         mods = torch.nn.ModuleDict()
+        torch.manual_seed(p * 7 + n)
         for k in range(n):
             lin = torch.nn.Linear(q, p, bias=False)
             with torch.no_grad():
@@ -64,7 +67,9 @@ def main() -> None:
         shapes = model_shapes(name)
         sec = sum(a * p * p * q * n + b * p ** 3 * n + c * n for p, q, n in shapes)
         units = sum(n for *_, n in shapes)
-        print(f"predicted {name} scan on this machine: {sec / 60:.1f} min for {units} matrices")
+        print(f"predicted {name} scan on this machine: {sec / 60:.1f} min for {units} matrices "
+              f"(split over N ranks: about {sec / 60:.1f} / N min, the largest matrix being "
+              f"{max(a * p * p * q + b * p ** 3 + c for p, q, _ in shapes):.1f} s)")
 
 
 if __name__ == "__main__":
