@@ -153,6 +153,9 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
     old_threads = torch.get_num_threads()
     limiter = None
     malloc_tuned = src.kind != "module" and _mmap_threshold(1 << 20)
+    # every BLAS (torch's, numpy/scipy's OpenBLAS) single-threaded: workers are the parallelism, and the
+    # small level-2 calls of Lanczos are many times slower with threads
+    limiter = _blas_single_thread()
     try:
         if n_workers == 1:
             for key in my_keys:
@@ -169,7 +172,6 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
             from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
             torch.set_num_threads(1)
-            limiter = _blas_single_thread()  # scipy's BLAS (dsyrk) too, not only torch's
             keys = my_keys
             cost = {k: _task_bytes(by_source[k], src_bytes.get(k, 0)) for k in keys}
             budget = memory_budget if memory_budget is not None else default_memory_budget(
@@ -197,7 +199,7 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
                         bar.update(len(res))
     finally:
         torch.set_num_threads(old_threads)
-        if n_workers > 1 and limiter is not None:
+        if limiter is not None:
             limiter.restore_original_limits()
         if malloc_tuned:
             _mmap_threshold(32 << 20)

@@ -148,6 +148,32 @@ def _extremes_gram(g: torch.Tensor) -> tuple[tuple[float, float, float, str] | N
     return (math.sqrt(hi), math.sqrt(lo), log2_sum, "gram-lanczos"), math.sqrt(hi)
 
 
+def _tri_ops(u_f):
+    """For an upper triangular column-major U: x -> U^T U x and x -> (U^T U)^-1 x through BLAS level 2
+    (``dtrmv`` / ``dtrsv``: triangular, so half the work of a dense product, and a few times faster per call
+    than torch's ``cholesky_solve`` at these sizes)."""
+    if not TRI_BLAS2:
+        u = torch.from_numpy(u_f)
+
+        def mv_t(x):
+            return u.T @ (u @ x)
+
+        def inv_t(x):
+            y = torch.linalg.solve_triangular(u.T, x[:, None], upper=False)
+            return torch.linalg.solve_triangular(u, y, upper=True)[:, 0]
+
+        return mv_t, inv_t
+    from scipy.linalg.blas import dtrmv, dtrsv
+
+    def mv(x):
+        return torch.from_numpy(dtrmv(u_f, dtrmv(u_f, x.numpy(), trans=0), trans=1))
+
+    def inv(x):
+        return torch.from_numpy(dtrsv(u_f, dtrsv(u_f, x.numpy(), trans=1), trans=0))
+
+    return mv, inv
+
+
 def _extremes_gram_lean(c_f) -> tuple[tuple[float, float, float, str] | None, float | None]:
     """``_extremes_gram`` on the column-major upper-triangle Gram of ``_gram_upper``, factored in place by
     LAPACK ``dpotrf``: the Gram and its Cholesky factor share one p x p buffer (half the memory of keeping
@@ -168,8 +194,9 @@ def _extremes_gram_lean(c_f) -> tuple[tuple[float, float, float, str] | None, fl
     if float(diag.min()) <= 0.0:
         return None, None
     log2_sum = float(torch.log2(diag).sum())
-    hi = _lanczos_max(lambda x: low @ (low.T @ x), p)
-    inv_hi = (_lanczos_max(lambda x: torch.cholesky_solve(x[:, None], low)[:, 0], p) if hi is not None else None)
+    mv, inv = _tri_ops(u_f)
+    hi = _lanczos_max(mv, p)
+    inv_hi = _lanczos_max(inv, p) if hi is not None else None
     if hi is None or inv_hi is None or inv_hi <= 0:
         return _extremes_gram(low @ low.T)  # rare (clustered extremes): dense solver on G = L L^T
     lo = 1.0 / inv_hi
@@ -188,22 +215,29 @@ def _extremes_qr(a: torch.Tensor, s_max: float | None = None, *,
         from scipy.linalg.lapack import dgeqrf
 
         # a is row-major (p, q): its numpy transpose is the column-major tall (q, p) matrix, factored in place
-        qr, _, _, info = dgeqrf(a.numpy().T, overwrite_a=1)
+        # (a blocked factorisation needs a workspace: the default lwork makes LAPACK fall back to unblocked)
+        qr, _, _, info = dgeqrf(a.numpy().T, lwork=max(1, 64 * p), overwrite_a=1)
         if info != 0:
             return None
-        r = torch.from_numpy(qr[:p, :p].copy()).triu_()  # a a^T = R^T R; a is overwritten
+        import numpy as np
+
+        r_f = np.asfortranarray(np.triu(qr[:p, :p]))  # a a^T = R^T R; a is overwritten
+        r = torch.from_numpy(r_f)
+        mv, inv = _tri_ops(r_f)
     else:
         r = torch.linalg.qr(a.T, mode="r").R  # (p, p) upper triangular, a a^T = R^T R
+
+        def mv(x):
+            return r.T @ (r @ x)
+
+        def inv(x):
+            y = torch.linalg.solve_triangular(r.T, x[:, None], upper=False)
+            return torch.linalg.solve_triangular(r, y, upper=True)[:, 0]
     d = torch.diagonal(r).abs()
     if float(d.min()) == 0.0:
         return None
     log2_sum = float(torch.log2(d).sum())
-    hi = s_max ** 2 if s_max else _lanczos_max(lambda x: r.T @ (r @ x), p)
-
-    def inv(x):
-        y = torch.linalg.solve_triangular(r.T, x[:, None], upper=False)
-        return torch.linalg.solve_triangular(r, y, upper=True)[:, 0]
-
+    hi = s_max ** 2 if s_max else _lanczos_max(mv, p)
     inv_hi = _lanczos_max(inv, p) if hi is not None else None
     if hi is None or inv_hi is None or not math.isfinite(inv_hi) or inv_hi <= 0:
         return None
@@ -251,6 +285,11 @@ _SYRK = None
 #: Accumulate the Gram with scipy's dsyrk (half the flops, but the wrapper holds the GIL, so scan threads
 #: serialise) instead of block-triangle torch matmuls (GIL released). Set by the benchmark to compare.
 GRAM_SYRK = False
+#: Accumulate the Gram with cblas_dsyrk through ctypes (half the flops, GIL released) when available.
+GRAM_CBLAS = True
+#: Lanczos operators through scipy's dtrmv/dtrsv (fast per call, but the wrapper holds the GIL) instead of
+#: torch's matmul / solve_triangular.
+TRI_BLAS2 = False
 
 
 def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
@@ -277,6 +316,57 @@ def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
     return g.triu_().add_(g.triu(1).T)  # upper triangle filled: mirror it
 
 
+def _cblas_syrk():
+    """``cblas_dsyrk`` of the OpenBLAS that ships inside the numpy / scipy wheels, called through ctypes
+    (a foreign call releases the GIL, unlike scipy's f2py wrapper, so scan threads overlap), as a function
+    ``acc(b, c_f)`` adding ``b @ b.T`` of a C-contiguous float64 (p, k) array into the upper triangle of the
+    column-major (p, p) array ``c_f``. None when no such library is found (the torch route is used)."""
+    global _CBLAS
+    if _CBLAS is not None:
+        return _CBLAS or None
+    _CBLAS = False
+    import ctypes
+    import glob
+    import os
+
+    import numpy as np
+
+    cands = []
+    for mod, sym, itype in (("numpy", "scipy_cblas_dsyrk64_", ctypes.c_int64),
+                            ("scipy", "scipy_cblas_dsyrk", ctypes.c_int)):
+        try:
+            pkg = __import__(mod)
+        except ImportError:
+            continue
+        libdir = os.path.dirname(pkg.__file__) + ".libs"
+        cands += [(f, sym, itype) for f in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*")))]
+    for path, sym, itype in cands:
+        try:
+            fn = getattr(ctypes.CDLL(path), sym)
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, itype, itype, ctypes.c_double, ctypes.c_void_p,
+                       itype, ctypes.c_double, ctypes.c_void_p, itype]
+        fn.restype = None
+
+        def acc(b, c_f, fn=fn):
+            p, k = b.shape
+            # row-major A = b (p x k): C = A A^T; C is c_f read row-major, whose "lower" is c_f's upper
+            fn(101, 122, 111, p, k, 1.0, b.ctypes.data, k, 1.0, c_f.ctypes.data, p)
+
+        # check it on a small case before trusting it
+        x = np.arange(12, dtype=np.float64).reshape(3, 4) / 7.0
+        c = np.zeros((3, 3), order="F")
+        acc(np.ascontiguousarray(x), c)
+        if np.allclose(np.triu(c), np.triu(x @ x.T), rtol=1e-14, atol=0) and not np.tril(c, -1).any():
+            _CBLAS = acc
+            break
+    return _CBLAS or None
+
+
+_CBLAS = None
+
+
 def _gram_upper(a: torch.Tensor, syrk=None):
     """float64 Gram ``a @ a.T`` as a column-major numpy array whose upper triangle is filled (LAPACK
     ``dpotrf(lower=0)`` reads only that triangle and factors it in place). Column blocks of ``a`` are upcast
@@ -287,6 +377,7 @@ def _gram_upper(a: torch.Tensor, syrk=None):
 
     p, q = a.shape
     c_f = np.zeros((p, p), dtype=np.float64, order="F")
+    cblas = _cblas_syrk() if syrk is None and GRAM_CBLAS else None
     t = torch.from_numpy(c_f.T)  # C-contiguous view: t[i, j] = c_f[j, i]; c_f's upper = t's lower
     nb = 4 if p >= 512 else (2 if p >= 256 else 1)
     edges = [p * i // nb for i in range(nb + 1)]
@@ -298,6 +389,9 @@ def _gram_upper(a: torch.Tensor, syrk=None):
         else:
             b = _buffer(c.numel()).view(c.shape)
             b.copy_(c)
+        if cblas is not None:
+            cblas(b.numpy(), c_f)  # half the flops, GIL released
+            continue
         if syrk is not None:
             # b is (p, k) row-major = the column-major (k, p) matrix b^T: trans=1 gives b b^T
             c_f = syrk(1.0, b.numpy().T, beta=1.0, c=c_f, trans=1, lower=0, overwrite_c=1)
