@@ -182,7 +182,7 @@ def _extremes_gram_lean(c_f) -> tuple[tuple[float, float, float, str] | None, fl
 
     p = c_f.shape[0]
     if p <= DENSE_MAX_P:
-        g = torch.from_numpy(np.ascontiguousarray(c_f))
+        g = torch.from_numpy(c_f).contiguous()  # a torch (64-byte aligned) copy: see _gram_upper
         return _extremes_gram(g.triu_().add_(g.triu(1).T))
     from scipy.linalg.lapack import dpotrf
 
@@ -285,8 +285,10 @@ _SYRK = None
 #: Accumulate the Gram with scipy's dsyrk (half the flops, but the wrapper holds the GIL, so scan threads
 #: serialise) instead of block-triangle torch matmuls (GIL released). Set by the benchmark to compare.
 GRAM_SYRK = False
-#: Accumulate the Gram with cblas_dsyrk through ctypes (half the flops, GIL released) when available.
-GRAM_CBLAS = True
+#: Accumulate the Gram with cblas_dsyrk through ctypes (half the flops, GIL released) when available. Off by
+#: default: with two scan threads calling it at once, results differed in the last bit from run to run
+#: (seen under torchrun, 1 unit in 35 in 2 of 3 runs), and a scan must give the same bits every time.
+GRAM_CBLAS = False
 #: Lanczos operators through scipy's dtrmv/dtrsv (fast per call, but the wrapper holds the GIL) instead of
 #: torch's matmul / solve_triangular.
 TRI_BLAS2 = False
@@ -312,7 +314,7 @@ def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
         return g
     import numpy as np
 
-    g = torch.from_numpy(np.ascontiguousarray(_gram_upper(a, syrk if GRAM_SYRK else None)))
+    g = torch.from_numpy(_gram_upper(a, syrk if GRAM_SYRK else None)).contiguous()
     return g.triu_().add_(g.triu(1).T)  # upper triangle filled: mirror it
 
 
@@ -376,7 +378,9 @@ def _gram_upper(a: torch.Tensor, syrk=None):
     import numpy as np
 
     p, q = a.shape
-    c_f = np.zeros((p, p), dtype=np.float64, order="F")
+    # 64-byte aligned (torch's allocator; numpy only guarantees 16): BLAS kernels may take different,
+    # differently rounded paths for differently aligned arrays, and a scan must give the same bits every time
+    c_f = torch.zeros(p, p, dtype=torch.float64).numpy().T  # column-major view of a C-contiguous array
     cblas = _cblas_syrk() if syrk is None and GRAM_CBLAS else None
     t = torch.from_numpy(c_f.T)  # C-contiguous view: t[i, j] = c_f[j, i]; c_f's upper = t's lower
     nb = 4 if p >= 512 else (2 if p >= 256 else 1)
