@@ -425,7 +425,8 @@ def _add_train_speech(sub):
     p.add_argument("--eval-limit", type=int, default=None,
                    help="test clips used for the evaluations during training (all of them at the end)")
     p.add_argument("--control", default="wikipedia",
-                   help="text for the LLM's forgetting (perplexity) measurement: a .txt file, 'wikipedia', or 'none'")
+                   help="text for the LLM's forgetting (perplexity) measurement: a .txt file, 'wikipedia', 'news' "
+                        "(gensim's news stories: no overlap with speech data made from Wikipedia), or 'none'")
     p.add_argument("--control-chunks", type=int, default=8, help="256-token chunks of the control text")
     p.add_argument("--save-steps", type=int, default=100)
     p.add_argument("--adaptor-heads", type=int, default=None, help="default: the LLM's attention heads")
@@ -468,6 +469,10 @@ def _control_text(spec: str | None):
         from .data import wikipedia_text
 
         return wikipedia_text()
+    if spec == "news":
+        from .data import news_text
+
+        return news_text()
     from .data import read_text
 
     return read_text(spec)
@@ -532,7 +537,7 @@ def _add_eval_speech(sub):
     p.add_argument("--manifest", required=True, help="JSONL with 'audio' (16 kHz mono WAV) and 'text'")
     p.add_argument("--encoder", default=None, help="default: the encoder recorded with the model")
     p.add_argument("--control", default="none", help="also measure the LLM's perplexity on this text "
-                                                     "(.txt or 'wikipedia'); with --base, its increase")
+                                                     "(.txt, 'wikipedia' or 'news'); with --base, its increase")
     p.add_argument("--base", default=None, help="the LLM before training (folder or 'smollm2') for dPPL")
     p.add_argument("--control-chunks", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first N clips only")

@@ -264,3 +264,13 @@ def wikipedia_text(max_articles: int | None = None) -> str:
             if max_articles and len(arts) >= max_articles:
                 break
     return "\n\n".join(arts)
+
+
+def news_text() -> str:
+    """The news corpus in gensim's test data (lee_background.cor: 300 news stories, one per line): a
+    general-domain control that does not overlap the Wikipedia sample (use it when the training text is
+    itself drawn from that sample, as in the speech recipe's synthetic data)."""
+    d = _package_dir("gensim", "pip install gensim==4.4.0")
+    path = os.path.join(d, "test", "test_data", "lee_background.cor")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return "\n\n".join(line.strip() for line in f if line.strip())
