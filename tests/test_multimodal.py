@@ -252,3 +252,14 @@ def test_encoder_frames_cache_is_exact_and_reused(tmp_path):
     with torch.no_grad():
         next(other.encoder.parameters()).add_(1.0)
     assert not torch.equal(encode_clips(other, fe, rows, 24, cache_dir=str(tmp_path / "c"))[0], plain[0])
+
+
+def test_news_control_text_is_general_and_separate_from_wikipedia():
+    pytest.importorskip("gensim")
+    from kappatune.data import news_text, wikipedia_text
+
+    news = news_text()
+    assert len(news.split()) > 50_000
+    wiki = wikipedia_text(max_articles=20)
+    firsts = [p.split(". ")[0] for p in news.split("\n\n")[:50]]
+    assert not any(len(s) > 40 and s in wiki for s in firsts)
