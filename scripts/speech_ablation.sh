@@ -10,6 +10,9 @@ for order in lowest highest random; do
     --order "$order" --budget-params 2M --max-steps "$STEPS" --batch-size 8 --lr 2e-4 --adaptor-lr 1e-3 \
     --warmup-steps 20 --eval-every 40 --eval-limit 30 --save-steps 80 -o "runs/speech-$order" \
     > "runs/speech-$order.json" 2> "runs/speech-$order.log"
+  # forgetting on a text that does not overlap the (Wikipedia-made) speech data: gensim's news stories
+  .venv/bin/kappatune eval-speech "runs/speech-$order" --manifest data/speech/test.jsonl --limit 1 \
+    --control news --base smollm2 > "runs/speech-$order/news_forgetting.json" 2>> "runs/speech-$order.log"
 done
 .venv/bin/python scripts/speech_figure.py runs/speech-lowest runs/speech-highest runs/speech-random \
   -o docs/img/speech_ablation.png
