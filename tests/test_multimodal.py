@@ -263,3 +263,24 @@ def test_news_control_text_is_general_and_separate_from_wikipedia():
     wiki = wikipedia_text(max_articles=20)
     firsts = [p.split(". ")[0] for p in news.split("\n\n")[:50]]
     assert not any(len(s) > 40 and s in wiki for s in firsts)
+
+
+def test_train_speech_cli_starts_every_selection_from_the_same_adaptor(tmp_path, lm_folder):
+    """An ablation compares LLM selections: the adaptor's initial weights must not depend on the order."""
+    from safetensors.torch import load_file
+    from transformers import WhisperModel
+
+    from test_cli import run
+
+    enc_dir = tmp_path / "whisper"
+    WhisperModel(_tiny_encoder().config).save_pretrained(enc_dir)
+    train = _wav_manifest(tmp_path, ["go left", "stop"], "train.jsonl")
+    got = {}
+    for order in ("lowest", "random"):
+        out = tmp_path / order
+        r = run("train-speech", str(lm_folder), "--manifest", str(train), "--encoder", str(enc_dir), "--order",
+                order, "--budget-params", "5k", "--max-steps", "1", "--batch-size", "2", "--lr", "1e-9",
+                "--adaptor-lr", "1e-9", "--control", "none", "--adaptor-heads", "4", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        got[order] = load_file(str(out / "model" / "adaptor.safetensors"))
+    assert all(torch.allclose(got["lowest"][k], got["random"][k], atol=1e-6) for k in got["lowest"])

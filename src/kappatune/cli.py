@@ -514,6 +514,9 @@ def cmd_train_speech(a) -> int:
         for p in llm.parameters():
             p.requires_grad_(False)
     heads = a.adaptor_heads or max(1, llm.config.num_attention_heads)
+    import torch
+
+    torch.manual_seed(a.seed)  # the same adaptor initialisation whatever the selection (ablations compare)
     model = SpeechLLM(encoder, llm, heads=heads, layers=a.adaptor_layers)
     n_frames = 2 * encoder.config.max_source_positions
     fe = WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)
