@@ -117,7 +117,9 @@ def gathered(p: torch.Tensor) -> torch.Tensor:
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in model.parameters())
+    from .integrations.fsdp import is_sharded
+
+    return any(is_sharded(p) for p in model.parameters())
 
 
 def param_digest(p: torch.Tensor) -> str:
