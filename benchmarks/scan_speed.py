@@ -125,12 +125,12 @@ def main() -> None:
         from threadpoolctl import threadpool_limits
 
         from kappatune.scanner import _workers
-        from kappatune.spectral import _gram_upper
+        from kappatune.spectral import _gram_tri
 
         # what the scan's workers do for the Gram (dsyrk: one triangle), as many threads as the scan uses,
         # one BLAS thread each, nothing else: the floor of the Gram route
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(_workers(None, len(mats))) as pool:
-            list(pool.map(lambda m: _gram_upper(m.T if m.shape[0] > m.shape[1] else m), mats.values()))
+            list(pool.map(lambda m: _gram_tri(m.T if m.shape[0] > m.shape[1] else m), mats.values()))
 
     floor_syrk()
     t_floor_syrk, _ = timed(floor_syrk)

@@ -164,22 +164,24 @@ def _extremes_gram(g: torch.Tensor) -> tuple[tuple[float, float, float, str] | N
     return (math.sqrt(hi), math.sqrt(lo), log2_sum, "gram-lanczos"), math.sqrt(hi)
 
 
-def _tri_ops(u_f):
-    """For an upper triangular column-major float64 U: the operators x -> U^T U x and x -> (U^T U)^-1 x
-    (numpy in and out). Through CBLAS ``dtrmv`` / ``dtrsv`` when available (GIL released, one triangle
-    read), else torch's matmul and triangular solves."""
-    import numpy as np
-
+def _tri_ops(u_f, lower: bool = False):
+    """For the Cholesky-like factor of G in column-major float64 ``u_f`` (upper U with G = U^T U, or lower L
+    with G = L L^T when ``lower``; the other triangle is never read): the operators x -> G x and
+    x -> G^-1 x (numpy in and out). Through CBLAS ``dtrmv`` / ``dtrsv`` when available (GIL released, one
+    triangle read), else torch's matmul and triangular solves."""
     blas = _cblas()
     if blas is None:
-        u = torch.from_numpy(u_f)
+        import numpy as np
+
+        u = torch.from_numpy(np.tril(u_f).T.copy() if lower else np.triu(u_f))  # U with G = U^T U
 
         def inv_t(x):
             y = torch.linalg.solve_triangular(u.T, x[:, None], upper=False)
             return torch.linalg.solve_triangular(u, y, upper=True)[:, 0]
 
         return _torch_op(lambda x: u.T @ (u @ x)), _torch_op(inv_t)
-    return _inplace_op(blas.gram_tri, u_f), _inplace_op(blas.inv_gram, u_f)
+    return (_inplace_op(lambda m, x: blas.gram_tri(m, x, lower), u_f),
+            _inplace_op(lambda m, x: blas.inv_gram(m, x, lower), u_f))
 
 
 def _inplace_op(f, mat):
@@ -196,19 +198,19 @@ def _inplace_op(f, mat):
     return op
 
 
-def _extremes_gram_lean(c_f) -> tuple[tuple[float, float, float, str] | None, float | None]:
-    """``_extremes_gram`` on the column-major upper-triangle Gram of ``_gram_upper``, factored in place by
-    LAPACK ``dpotrf``: the Gram and its Cholesky factor share one p x p buffer (half the memory of keeping
-    both). The largest eigenvalue is found first, on G itself (CBLAS ``dsymv`` reads one triangle: a quarter
-    of the memory traffic of applying U^T U), then G is factored and Lanczos runs on G^-1 through triangular
-    solves. ``c_f`` is overwritten."""
+def _extremes_gram_lean(c_f, lower: bool = False) -> tuple[tuple[float, float, float, str] | None, float | None]:
+    """``_extremes_gram`` on the column-major one-triangle Gram of ``_gram_tri`` (its lower triangle filled
+    when ``lower``, else its upper), factored in place by LAPACK ``dpotrf``: the Gram and its Cholesky factor
+    share one p x p buffer (half the memory of keeping both). The largest eigenvalue is found first, on G
+    itself (CBLAS ``dsymv`` reads one triangle: a quarter of the memory traffic of applying the factor twice),
+    then G is factored and Lanczos runs on G^-1 through triangular solves. ``c_f`` is overwritten."""
     import numpy as np
 
     p = c_f.shape[0]
 
     def full_gram():
-        g = torch.from_numpy(c_f).contiguous()  # a torch (64-byte aligned) copy: see _gram_upper
-        return g.triu_().add_(g.triu(1).T)
+        g = torch.from_numpy(c_f).contiguous()  # a torch (64-byte aligned) copy: see _gram_tri
+        return g.tril_().add_(g.tril(-1).T) if lower else g.triu_().add_(g.triu(1).T)
 
     if p <= DENSE_MAX_P:
         return _dense_extremes(full_gram())
@@ -218,31 +220,31 @@ def _extremes_gram_lean(c_f) -> tuple[tuple[float, float, float, str] | None, fl
         y = np.empty(p)
 
         def g_op(x):
-            blas.symv(c_f, x, y)
+            blas.symv(c_f, x, y, lower)
             return y
 
         hi = _lanczos_max(g_op, p)
         if hi is None:
             return _dense_extremes(full_gram())  # clustered top (rare): the dense solver is exact
     if blas is not None and blas.lapack:
-        u_f, info = c_f, blas.potrf_upper(c_f)  # G = U^T U in place (GIL released); strict lower not read
+        info = blas.potrf(c_f, lower)  # in place, GIL released; the other triangle is not read
     else:
         from scipy.linalg.lapack import dpotrf
 
-        u_f, info = dpotrf(c_f, lower=0, clean=1, overwrite_a=1)  # G = U^T U, U upper, strict lower zeroed
+        c_f, info = dpotrf(c_f, lower=int(lower), clean=1, overwrite_a=1)
     if info != 0:
         return None, (math.sqrt(hi) if hi is not None and hi > 0 else None)
-    diag = np.diagonal(u_f)
+    diag = np.diagonal(c_f)
     if float(diag.min()) <= 0.0:
         return None, None
-    log2_sum = float(np.log2(diag).sum())
-    mv, inv = _tri_ops(u_f)
+    log2_sum = float(np.log2(diag).sum())  # det G = prod diag^2 = prod sigma^2
+    mv, inv = _tri_ops(c_f, lower)
     if hi is None:
         hi = _lanczos_max(mv, p)
     inv_hi = _lanczos_max(inv, p) if hi is not None else None
     if hi is None or inv_hi is None or inv_hi <= 0:
-        low = torch.from_numpy(np.triu(u_f).T)  # rare (clustered extremes): dense solver on G = L L^T
-        return _dense_extremes(low @ low.T)
+        low = torch.from_numpy(np.tril(c_f) if lower else np.triu(c_f).T)  # rare (clustered extremes):
+        return _dense_extremes(low @ low.T)  # the dense solver on G = L L^T
     lo = 1.0 / inv_hi
     if hi > lo * GRAM_TRUSTED_KAPPA ** 2:
         return None, math.sqrt(hi)
@@ -354,9 +356,6 @@ def _syrk():
 
 
 _SYRK = None
-#: Accumulate the Gram with scipy's dsyrk (half the flops, but the wrapper holds the GIL, so scan threads
-#: serialise) instead of block-triangle torch matmuls (GIL released). Set by the benchmark to compare.
-GRAM_SYRK = False
 #: Accumulate the Gram with cblas_dsyrk through ctypes (half the flops, GIL released) when available. The
 #: last-bit run-to-run differences once blamed on it came from an unlocked lazy initialisation: a second scan
 #: thread saw the half-built state, took the torch route for its first unit and rounded differently.
@@ -381,10 +380,9 @@ def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
             b.copy_(c)
             g.addmm_(b, b.T)
         return g
-    import numpy as np
-
-    g = torch.from_numpy(_gram_upper(a, syrk if GRAM_SYRK else None)).contiguous()
-    return g.triu_().add_(g.triu(1).T)  # upper triangle filled: mirror it
+    c_f, lower = _gram_tri(a)
+    g = torch.from_numpy(c_f).contiguous()
+    return g.tril_().add_(g.tril(-1).T) if lower else g.triu_().add_(g.triu(1).T)  # mirror the filled one
 
 
 class _CBlas:
@@ -420,29 +418,40 @@ class _CBlas:
         except AttributeError:
             self.lapack = False
 
-    def syrk(self, b, c_f, beta: float = 1.0) -> None:
-        """Upper triangle of column-major ``c_f`` (p, p) = beta * itself + ``b @ b.T``, ``b`` a C-contiguous
+    def syrk(self, b, c_f, beta: float = 1.0, lower: bool = True) -> None:
+        """One triangle of column-major ``c_f`` (p, p) = beta * itself + ``b @ b.T``, ``b`` a C-contiguous
         (p, k) array (beta = 0 ignores what ``c_f`` held)."""
         p, k = b.shape
         # b row-major (p, k) is the column-major (k, p) matrix b^T: C += (b^T)^T (b^T) = b b^T
-        self._syrk(self.COL, self.UPPER, self.TRANS, p, k, 1.0, b.ctypes.data, k, beta, c_f.ctypes.data, p)
+        self._syrk(self.COL, self.LOWER if lower else self.UPPER, self.TRANS, p, k, 1.0, b.ctypes.data, k, beta,
+                   c_f.ctypes.data, p)
 
-    def symv(self, c_f, x, y) -> None:
-        """``y = G x`` for the symmetric G whose upper triangle column-major ``c_f`` holds."""
+    def symv(self, c_f, x, y, lower: bool = True) -> None:
+        """``y = G x`` for the symmetric G whose lower (or upper) triangle column-major ``c_f`` holds."""
         p = c_f.shape[0]
-        self._symv(self.COL, self.UPPER, p, 1.0, c_f.ctypes.data, p, x.ctypes.data, 1, 0.0, y.ctypes.data, 1)
+        self._symv(self.COL, self.LOWER if lower else self.UPPER, p, 1.0, c_f.ctypes.data, p, x.ctypes.data, 1,
+                   0.0, y.ctypes.data, 1)
 
-    def inv_gram(self, u_f, x) -> None:
-        """``x = (U^T U)^-1 x`` in place for the upper triangular column-major ``u_f``: two triangular solves."""
-        p = u_f.shape[0]
-        self._trsv(self.COL, self.UPPER, self.TRANS, self.NONUNIT, p, u_f.ctypes.data, p, x.ctypes.data, 1)
-        self._trsv(self.COL, self.UPPER, self.NOTRANS, self.NONUNIT, p, u_f.ctypes.data, p, x.ctypes.data, 1)
+    def inv_gram(self, t_f, x, lower: bool = True) -> None:
+        """``x = G^-1 x`` in place, G = L L^T (lower) or U^T U (upper) with the factor in column-major
+        ``t_f``: two triangular solves."""
+        p, ptr, t = t_f.shape[0], t_f.ctypes.data, self._trsv
+        if lower:
+            t(self.COL, self.LOWER, self.NOTRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+            t(self.COL, self.LOWER, self.TRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+        else:
+            t(self.COL, self.UPPER, self.TRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+            t(self.COL, self.UPPER, self.NOTRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
 
-    def gram_tri(self, u_f, x) -> None:
-        """``x = U^T U x`` in place (upper triangular column-major ``u_f``; reads one triangle)."""
-        p = u_f.shape[0]
-        self._trmv(self.COL, self.UPPER, self.NOTRANS, self.NONUNIT, p, u_f.ctypes.data, p, x.ctypes.data, 1)
-        self._trmv(self.COL, self.UPPER, self.TRANS, self.NONUNIT, p, u_f.ctypes.data, p, x.ctypes.data, 1)
+    def gram_tri(self, t_f, x, lower: bool = True) -> None:
+        """``x = G x`` in place from G's triangular factor (as in ``inv_gram``; reads one triangle)."""
+        p, ptr, t = t_f.shape[0], t_f.ctypes.data, self._trmv
+        if lower:
+            t(self.COL, self.LOWER, self.TRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+            t(self.COL, self.LOWER, self.NOTRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+        else:
+            t(self.COL, self.UPPER, self.NOTRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
+            t(self.COL, self.UPPER, self.TRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
 
     def gram_lu(self, lu_f, x) -> None:
         """``x = U^T L^T L U x`` in place, L (unit lower) and U (upper) packed in column-major ``lu_f``
@@ -461,11 +470,11 @@ class _CBlas:
         t(self.COL, self.LOWER, self.NOTRANS, self.UNIT, p, ptr, p, x.ctypes.data, 1)
         t(self.COL, self.UPPER, self.NOTRANS, self.NONUNIT, p, ptr, p, x.ctypes.data, 1)
 
-    def potrf_upper(self, c_f) -> int:
-        """In-place Cholesky G = U^T U of the upper triangle of column-major ``c_f`` (LAPACK info; the strict
-        lower triangle is left as it was)."""
+    def potrf(self, c_f, lower: bool = True) -> int:
+        """In-place Cholesky of the lower (G = L L^T) or upper (G = U^T U) triangle of column-major ``c_f``
+        (LAPACK info; the other triangle is left as it was). The lower one is 5-25% faster in OpenBLAS."""
         p = c_f.shape[0]
-        return int(self._potrf(self.COL, b"U", p, c_f.ctypes.data, p))
+        return int(self._potrf(self.COL, b"L" if lower else b"U", p, c_f.ctypes.data, p))
 
     def getrf(self, a_f) -> int:
         """In-place LU with partial pivoting of the square column-major ``a_f`` (LAPACK info)."""
@@ -509,32 +518,37 @@ def _find_cblas():
             blas = _CBlas(ctypes.CDLL(path), "scipy_", suffix, itype)
         except (OSError, AttributeError):
             continue
-        # check every routine on a small case before trusting the library
+        # check every routine, both triangles, on a small case before trusting the library
         x = np.arange(12, dtype=np.float64).reshape(3, 4) / 7.0 + np.eye(3, 4)
         g = x @ x.T
-        c = np.zeros((3, 3), order="F")
-        blas.syrk(np.ascontiguousarray(x), c)
-        v, y = np.array([1.0, -2.0, 0.5]), np.empty(3)
-        blas.symv(c, v, y)
-        u = np.asfortranarray(np.linalg.cholesky(g).T)
-        z, z2 = v.copy(), v.copy()
-        blas.inv_gram(u, z)
-        blas.gram_tri(u, z2)
-        ok = np.allclose(np.triu(c), np.triu(g), rtol=1e-14, atol=0) and not np.tril(c, -1).any() \
-            and np.allclose(y, g @ v, rtol=1e-13) and np.allclose(g @ z, v, rtol=1e-10, atol=1e-12) \
-            and np.allclose(z2, g @ v, rtol=1e-12)
+        v = np.array([1.0, -2.0, 0.5])
+        ok = True
+        for lower, tri in ((True, np.tril), (False, np.triu)):
+            c, y = np.zeros((3, 3), order="F"), np.empty(3)
+            blas.syrk(np.ascontiguousarray(x), c, lower=lower)
+            blas.symv(c, v, y, lower)
+            ok = ok and np.allclose(tri(c), tri(g), rtol=1e-14, atol=0) and not (c - tri(c)).any() \
+                and np.allclose(y, g @ v, rtol=1e-13)
+            f = np.linalg.cholesky(g)  # lower L, G = L L^T
+            f = np.asfortranarray(f if lower else f.T)
+            z, z2 = v.copy(), v.copy()
+            blas.inv_gram(f, z, lower)
+            blas.gram_tri(f, z2, lower)
+            ok = ok and np.allclose(g @ z, v, rtol=1e-10, atol=1e-12) and np.allclose(z2, g @ v, rtol=1e-12)
+            if ok and blas.lapack:
+                gf = np.asfortranarray(g.copy())
+                blas.lapack = blas.potrf(gf, lower) == 0 and np.allclose(tri(gf), f, rtol=1e-12, atol=1e-14)
         if ok and blas.lapack:
             m = np.asfortranarray(x[:, :3] + 2 * np.eye(3))
-            lu, gf = m.copy(order="F"), np.asfortranarray(g.copy())
+            lu = m.copy(order="F")
             z3, z4 = v.copy(), v.copy()
-            if blas.getrf(lu) != 0 or blas.potrf_upper(gf) != 0:
+            if blas.getrf(lu) != 0:
                 blas.lapack = False
             else:
                 blas.gram_lu(lu, z3)
                 blas.inv_gram_lu(lu, z4)
                 blas.lapack = np.allclose(z3, m.T @ m @ v, rtol=1e-12) \
-                    and np.allclose(m.T @ m @ z4, v, rtol=1e-10, atol=1e-12) \
-                    and np.allclose(np.triu(gf), u, rtol=1e-12, atol=1e-14)
+                    and np.allclose(m.T @ m @ z4, v, rtol=1e-10, atol=1e-12)
         if ok:
             return blas
     return False
@@ -544,15 +558,15 @@ _CBLAS = None
 _CBLAS_LOCK = threading.Lock()
 
 
-def _gram_upper(a: torch.Tensor, syrk=None):
-    """float64 Gram ``a @ a.T`` as a column-major numpy array whose upper triangle is filled (LAPACK
-    ``dpotrf(lower=0)`` reads only that triangle and factors it in place). Column blocks of ``a`` are upcast
-    into a reused buffer and accumulated by CBLAS ``dsyrk`` (one triangle: half the flops of a product; GIL
-    released). Without CBLAS (or with ``GRAM_CBLAS`` off) each block's product is split into row blocks and
-    only the block triangle is computed by torch matmuls (2-4 row blocks skip 25-37% of the flops); ``syrk``
-    (scipy's f2py ``dsyrk``, which holds the GIL) is used when given."""
+def _gram_tri(a: torch.Tensor):
+    """float64 Gram ``a @ a.T`` as a column-major numpy array with one triangle filled, and whether it is the
+    lower one (LAPACK ``dpotrf`` reads only that triangle and factors it in place). Column blocks of ``a``
+    are upcast into a reused buffer and accumulated by CBLAS ``dsyrk`` into the lower triangle (half the flops
+    of a product; GIL released). Without CBLAS (or with ``GRAM_CBLAS`` off) each block's product is split
+    into row blocks and only the upper block triangle is computed by torch matmuls (2-4 row blocks skip
+    25-37% of the flops)."""
     p, q = a.shape
-    cblas = _cblas() if syrk is None and GRAM_CBLAS else None
+    cblas = _cblas() if GRAM_CBLAS else None
     # 64-byte aligned (torch's allocator; numpy only guarantees 16): BLAS kernels may take different,
     # differently rounded paths for differently aligned arrays, and a scan must give the same bits every time.
     # dsyrk's first block overwrites (beta = 0), so no zero fill is needed then.
@@ -569,18 +583,14 @@ def _gram_upper(a: torch.Tensor, syrk=None):
             b = _buffer(c.numel()).view(c.shape)
             b.copy_(c)
         if cblas is not None:
-            cblas.syrk(b.numpy(), c_f, beta=0.0 if j == 0 else 1.0)
-            continue
-        if syrk is not None:
-            # b is (p, k) row-major = the column-major (k, p) matrix b^T: trans=1 gives b b^T
-            c_f = syrk(1.0, b.numpy().T, beta=1.0, c=c_f, trans=1, lower=0, overwrite_c=1)
+            cblas.syrk(b.numpy(), c_f, beta=0.0 if j == 0 else 1.0, lower=True)
             continue
         for bi in range(nb):
             ri = slice(edges[bi], edges[bi + 1])
             for bj in range(bi + 1):
                 rj = slice(edges[bj], edges[bj + 1])
                 t[ri, rj].addmm_(b[ri], b[rj].T)  # lower block triangle of t = upper of c_f
-    return c_f
+    return c_f, cblas is not None
 
 
 def _as_float64(w: torch.Tensor) -> torch.Tensor:
@@ -621,10 +631,9 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
         a = _as_float64(w2)
         fro_sq = float(a.reshape(-1) @ a.reshape(-1))
     else:
-        syrk = _syrk() if w2.device.type == "cpu" else None
-        if syrk is not None:
-            g = _gram_upper(w2, syrk if GRAM_SYRK else None)  # column-major numpy, upper triangle
-            fro_sq = float(g.trace())
+        if w2.device.type == "cpu" and _syrk() is not None:
+            g = _gram_tri(w2)  # (column-major numpy, lower?): one triangle filled
+            fro_sq = float(g[0].trace())
         else:
             g = gram64(w2)
             fro_sq = float(torch.trace(g))  # = ||W||_F^2; NaN/Inf anywhere in W makes it non-finite
@@ -635,7 +644,7 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
         return _figures(-math.inf, 0.0, 0.0, 0.0, p, m, n, input_var, "none")
     s_max_gram = None
     if not force_exact:
-        got, s_max_gram = _extremes_gram(g) if torch.is_tensor(g) else _extremes_gram_lean(g)
+        got, s_max_gram = _extremes_gram(g) if torch.is_tensor(g) else _extremes_gram_lean(*g)
         if got is not None:
             s_max, s_min, log2_sum, method = got
             return _figures(log2_sum, s_max, s_min, fro_sq, p, m, n, input_var, method)
