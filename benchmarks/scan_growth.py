@@ -2,11 +2,17 @@
 
     python benchmarks/scan_growth.py            # a few shapes x counts, then a least-squares fit
 
-For each shape (p x q, p <= q) a batch of random matrices with a realistic spread of singular values is
-scanned (cache off, default workers). The fit is  seconds = a * sum(p^2 q) + b * sum(p^3) + c * units :
-the Gram product, the per-unit cubic work (Cholesky, fallbacks) and a per-unit overhead. The prediction for
-a model sums those terms over its real matrix shapes. Random weights: real ones converge at least as fast
-(Lanczos) but a larger share of real high-kappa units takes the QR route, so treat it as a lower bound.
+For each shape (p x q, p <= q) a batch of random matrices with a spread of singular values is scanned
+(cache off, default workers). The model follows the routes (docs/speed.md):
+
+    seconds = a * sum_rect(p^2 q) + b * sum_rect(p^3) + c * sum_square(p^3) + d * sum(p^2) + e * units
+
+the Gram (dsyrk) and Cholesky of rectangular matrices, the LU of square ones, Lanczos (a few dozen
+products with a p x p factor per unit) and a per-unit overhead; non-negative least squares. Its
+leave-one-out error on the measured batches is printed, then predictions for real model shapes (summing the
+terms over their matrices). Random weights: Lanczos converges slower on their soft spectral edges than on
+trained weights, while a share of trained rectangular units with kappa > 1e4 takes the QR route (~2x a
+Gram unit): treat predictions as rough.
 """
 
 from __future__ import annotations
@@ -21,16 +27,31 @@ SHAPES = [(64, 192, 3000), (256, 768, 10), (256, 768, 100), (256, 768, 1000), (5
           (2048, 2048, 10), (2048, 5632, 6), (4096, 4096, 3), (4096, 11008, 2)]
 
 
+MODELS = ("smollm2-135m", "llama-2-7b", "llama-2-70b", "olmoe-1b-7b", "mixtral-8x7b")
+
+
 def model_shapes(name: str) -> list[tuple[int, int, int]]:
-    """(p, q, count) with p <= q for each weight matrix kind of a dense Llama-style model."""
-    if name == "llama-7b":
-        h, i, kv, layers = 4096, 11008, 4096, 32
-    elif name == "llama-70b":
-        h, i, kv, layers = 8192, 28672, 1024, 80
-    else:
-        raise ValueError(name)
-    mats = [(h, h, 2), (min(kv, h), max(kv, h), 2), (min(h, i), max(h, i), 3)]
+    """(p, q, count) with p <= q for each weight matrix kind of a Llama-style model (MoE: per expert)."""
+    h, i, kv, layers, experts = {
+        "smollm2-135m": (576, 1536, 192, 30, 1), "llama-2-7b": (4096, 11008, 4096, 32, 1),
+        "llama-2-70b": (8192, 28672, 1024, 80, 1), "olmoe-1b-7b": (2048, 1024, 2048, 16, 64),
+        "mixtral-8x7b": (4096, 14336, 1024, 32, 8)}[name]
+    mats = [(h, h, 2), (min(kv, h), max(kv, h), 2), (min(h, i), max(h, i), 3 * experts)]
     return [(p, q, c * layers) for p, q, c in mats]
+
+
+def features(shapes) -> list[float]:
+    """The model's terms summed over (p, q, count) triples."""
+    f = [0.0] * 5
+    for p, q, n in shapes:
+        if p == q:
+            f[2] += n * p ** 3
+        else:
+            f[0] += n * p * p * q
+            f[1] += n * p ** 3
+        f[3] += n * p * p
+        f[4] += n
+    return f
 
 
 def main() -> None:
@@ -55,21 +76,30 @@ def main() -> None:
         dt = time.perf_counter() - t
         rows.append((p, q, n, dt))
         print(f"{n:3d} x ({p} x {q}): {dt:7.2f} s  ({dt / n:.3f} s per matrix)")
-    x = torch.tensor([[n * p * p * q, n * p ** 3, n] for p, q, n, _ in rows], dtype=torch.float64)
-    y = torch.tensor([dt for *_, dt in rows], dtype=torch.float64)
-    coef = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].clamp_min(0)
-    pred = x @ coef
-    err = ((pred - y).abs() / y).max()
-    a, b, c = (float(v) for v in coef)
-    print(f"fit: seconds = {a:.3e} * sum(p^2 q) + {b:.3e} * sum(p^3) + {c:.3e} * units   "
-          f"(worst relative error on the measured points {float(err):.0%})")
-    for name in ("llama-7b", "llama-70b"):
+    import numpy as np
+    from scipy.optimize import nnls
+
+    x = np.array([features([(p, q, n)]) for p, q, n, _ in rows])
+    y = np.array([dt for *_, dt in rows])
+    scale = x.max(axis=0)  # columns of very different magnitudes: fit on scaled ones
+    coef = nnls(x / scale, y)[0] / scale
+    err = np.abs(x @ coef - y) / y
+    loo = []
+    for k in range(len(rows)):  # leave-one-out: refit without batch k, predict it
+        keep = [j for j in range(len(rows)) if j != k]
+        ck = nnls(x[keep] / scale, y[keep])[0] / scale
+        loo.append(abs(float(x[k] @ ck) - y[k]) / y[k])
+    names = ("sum_rect(p^2 q)", "sum_rect(p^3)", "sum_square(p^3)", "sum(p^2)", "units")
+    print("fit: seconds = " + " + ".join(f"{c:.3e} * {n}" for c, n in zip(coef, names)))
+    print(f"relative error on the measured batches: worst {err.max():.0%}, median {np.median(err):.0%}; "
+          f"leave-one-out: worst {max(loo):.0%}, median {np.median(loo):.0%}")
+    for name in MODELS:
         shapes = model_shapes(name)
-        sec = sum(a * p * p * q * n + b * p ** 3 * n + c * n for p, q, n in shapes)
+        sec = float(np.array(features(shapes)) @ coef)
         units = sum(n for *_, n in shapes)
+        largest = max(float(np.array(features([(p, q, 1)])) @ coef) for p, q, _ in shapes)
         print(f"predicted {name} scan on this machine: {sec / 60:.1f} min for {units} matrices "
-              f"(split over N ranks: about {sec / 60:.1f} / N min, the largest matrix being "
-              f"{max(a * p * p * q + b * p ** 3 + c for p, q, _ in shapes):.1f} s)")
+              f"(split over N ranks: about {sec / 60:.1f} / N min, the largest matrix {largest:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -281,3 +281,41 @@ def test_two_process_scan_equals_single_process(tmp_path):
     assert d["content_fingerprint"] == single.content_fingerprint
     got = {u["name"]: float(u["kappa"]) for u in d["units"]}
     assert got == {u.name: u.kappa for u in single.units}
+
+
+def test_fused_tensor_units_are_spread_over_workers_and_loaded_once(tmp_path, monkeypatch):
+    """A fused MoE tensor is one source but many units: its units run on several workers at once (one
+    task per unit), while the tensor itself is read from disk exactly once."""
+    import threading
+
+    from kappatune import scanner
+    from kappatune.sources import ModuleSource
+
+    model = make_model("olmoe")  # in memory, transformers 5 keeps each layer's experts in fused tensors
+    loads: dict[str, int] = {}
+    threads: dict[str, set] = {}
+    orig_load = ModuleSource.load
+
+    def counting_load(self, key):
+        loads[key] = loads.get(key, 0) + 1
+        return orig_load(self, key)
+
+    orig_unit_matrix = scanner.unit_matrix
+
+    def recording_unit_matrix(spec, tensor):
+        import time
+
+        time.sleep(0.002)  # long enough that the other worker picks up the next unit meanwhile
+        threads.setdefault(spec.source, set()).add(threading.get_ident())
+        return orig_unit_matrix(spec, tensor)
+
+    monkeypatch.setattr(ModuleSource, "load", counting_load)
+    monkeypatch.setattr(scanner, "unit_matrix", recording_unit_matrix)
+    rep = kappatune.scan(model, cache=False, workers=2)
+    fused = [k for k in loads if "experts" in k]
+    assert fused and all(n == 1 for n in loads.values()), loads
+    expert_units = [u for u in rep.units if u.expert is not None]
+    assert len(expert_units) > len(fused)
+    assert all(len(threads[k]) == 2 for k in fused), threads  # each fused tensor's units ran on both workers
+    serial = kappatune.scan(model, cache=False, workers=1)
+    assert [(u.name, u.kappa) for u in rep.units] == [(u.name, u.kappa) for u in serial.units]

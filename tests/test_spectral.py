@@ -188,3 +188,41 @@ def test_gram64_matches_float64_product(shape, dtype):
         torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-9)
     strided = torch.randn(80, 900, generator=torch.Generator().manual_seed(2))[:, ::3]
     torch.testing.assert_close(gram64(strided), strided.double() @ strided.double().T, rtol=1e-12, atol=1e-9)
+
+
+def test_square_lu_growth_guard_sends_to_qr():
+    """Wilkinson's matrix makes partial pivoting's growth factor 2^(n-1): the LU route's error bound is then
+    worthless, its guard must refuse it, and the QR route must still give the exact kappa."""
+    from kappatune.spectral import _cblas
+
+    if _cblas() is None or not _cblas().lapack:
+        pytest.skip("no CBLAS/LAPACKE in this environment: the LU route is not used")
+    n = 200
+    w = np.eye(n) - np.tril(np.ones((n, n)), -1)
+    w[:, -1] = 1.0
+    a = w.T.copy()  # the route factors the transpose of what it is given (same singular values)
+    s = spectrum(torch.from_numpy(a))
+    ref = np_kappa(a)
+    assert s.method in ("qr-lanczos", "svd")
+    assert abs(s.kappa - ref) / ref < 1e-6
+    # the same matrix with its columns shuffled pivots harmlessly and stays on the LU route
+    b = a[:, np.random.default_rng(0).permutation(n)] + 0.5 * np.random.default_rng(1).standard_normal((n, n))
+    sb = spectrum(torch.from_numpy(b))
+    assert sb.method == "lu-lanczos"
+    assert abs(sb.kappa - np_kappa(b)) / np_kappa(b) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_square_route_never_modifies_input_and_flags_singular(dtype):
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(220, 220, generator=g, dtype=torch.float64).to(dtype)
+    before = a.clone()
+    s = spectrum(a)
+    assert torch.equal(a, before) and s.method == "lu-lanczos"
+    ref = np.linalg.svd(before.double().numpy(), compute_uv=False)
+    assert s.kappa == pytest.approx(ref[0] / ref[-1], rel=1e-6)
+    assert s.log_volume == pytest.approx(float(np.log2(ref).sum()), abs=1e-6 * float(np.abs(np.log2(ref)).sum()))
+    low_rank = (torch.randn(220, 30, generator=g, dtype=torch.float64) @ torch.randn(30, 220, generator=g,
+                                                                                      dtype=torch.float64))
+    sl = spectrum(low_rank)
+    assert sl.status == "singular" and sl.kappa == math.inf

@@ -4,14 +4,24 @@ Everything is computed in float64 whatever the stored dtype (bf16/fp16/fp32 valu
 
 Routes (the one used is recorded per unit as ``method``):
 
-* ``gram-eigh`` / ``gram-lanczos``: Gram matrix of the short side in float64; small ones get a dense
-  ``eigvalsh``, larger ones a Cholesky factor (the log-volume is the log of its diagonal) and Lanczos for
-  the two extreme eigenvalues (of G, and of G^-1 through Cholesky solves): only those two are needed.
-  The Gram squares kappa, so the relative error of sigma_min grows like eps64 * kappa**2 / 2; we trust it
-  only while kappa <= GRAM_TRUSTED_KAPPA (1e4 -> error ~1e-8).
+* ``lu-lanczos`` (square matrices): LU with partial pivoting of kappatune's own float64 copy (2/3 p^3
+  flops); |det| and so the log-volume from U's diagonal; Lanczos for the two extreme eigenvalues of
+  M^T M = U^T L^T L U and of its inverse (triangular products and solves; the row permutation cancels).
+  No squaring of kappa: the error of sigma_min is ~ eps64 * kappa * growth, and the answer is kept while
+  that stays below LU_TRUST (1e-8), else the matrix goes to the QR route.
+* ``gram-eigh`` / ``gram-lanczos`` (rectangular): Gram matrix of the short side in float64 (one triangle,
+  BLAS ``dsyrk``); small ones get a dense ``eigvalsh``, larger ones Lanczos on G itself for the largest
+  eigenvalue, then a Cholesky factor (the log-volume is the log of its diagonal) and Lanczos on G^-1
+  through triangular solves. The Gram squares kappa, so the relative error of sigma_min grows like
+  eps64 * kappa**2 / 2; we trust it only while kappa <= GRAM_TRUSTED_KAPPA (1e4 -> error ~1e-8).
 * ``qr-lanczos``: R of a Householder QR of the matrix (backward stable: error ~ eps64 * kappa), then the
-  same Lanczos on R^T R and its inverse; for what the Gram cannot resolve.
+  same Lanczos on R^T R and its inverse; for what the Gram or the LU cannot resolve.
 * ``svd``: float64 ``svdvals`` (LAPACK), the last resort and the ``exact=True`` route.
+
+Lanczos accepts a Ritz value when its residual is below LANCZOS_TOL (5e-7) of it, which bounds that
+eigenvalue's relative error, so kappa is within ~5e-7 plus the factorisation's error. On CPU the BLAS and
+LAPACK calls go through ctypes to the OpenBLAS inside the scipy / numpy wheels (foreign calls release the
+GIL, so scan threads overlap); torch routes are used where that library is missing.
 
 Entropy figures follow the paper (eq. 6, Theorem 1) with base-2 logarithms and a spherical Gaussian
 input of variance ``input_var``:
@@ -282,8 +292,10 @@ def _extremes_lu(a: torch.Tensor, blas) -> tuple[tuple[float, float, float, str]
     if hi is None or inv_hi is None or not math.isfinite(inv_hi) or inv_hi <= 0:
         return None, None
     s_max, s_min = math.sqrt(hi), math.sqrt(1.0 / inv_hi)
-    if _EPS64 * (s_max / s_min) * (u_max / a_max) > LU_TRUST:
-        return None, s_max
+    growth = u_max / a_max
+    if _EPS64 * (s_max / s_min) * growth > LU_TRUST:
+        # sigma_max itself is only off by ~eps * growth (relative): worth reusing unless the growth is wild
+        return None, (s_max if _EPS64 * growth <= 1e-10 else None)
     return (s_max, s_min, float(np.log2(d).sum()), "lu-lanczos"), s_max
 
 
@@ -608,9 +620,10 @@ def _as_float64(w: torch.Tensor) -> torch.Tensor:
 def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = False) -> Spectrum:
     """Spectral figures of a 2-D matrix ``w`` (any float dtype, any device), computed in float64.
 
-    Routes, cheapest first: float64 Gram of the short side (dense ``eigvalsh`` when small, else Cholesky for
-    the log-volume + Lanczos for the two extreme eigenvalues), trusted up to kappa = 1e4; then Householder
-    QR + Lanczos (relative error ~eps*kappa); then float64 ``svdvals``. ``force_exact`` uses svdvals only.
+    Routes, cheapest first (module docstring): square CPU matrices LU + Lanczos; others the float64 Gram of
+    the short side (dense ``eigvalsh`` when small, else Cholesky for the log-volume + Lanczos for the two
+    extreme eigenvalues), trusted up to kappa = 1e4; then Householder QR + Lanczos (relative error
+    ~eps*kappa); then float64 ``svdvals``. ``force_exact`` uses svdvals only.
     """
     if w.dim() != 2:
         raise ValueError(f"spectrum() needs a 2-D matrix, got shape {tuple(w.shape)}")
