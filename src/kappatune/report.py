@@ -43,7 +43,7 @@ class UnitResult:
     entropy_max: float
     entropy_deficit: float
     status: str            # ok | singular | nonfinite | error
-    method: str            # gram-eigh | svd | none | cache:<method>
+    method: str            # lu-lanczos | gram-lanczos | gram-eigh | qr-lanczos | svd | none
     content_hash: str = ""
     expert: int | None = None
     half: str | None = None
