@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "olmoe"])
     ap.add_argument("--layers", type=int, default=2, help="OLMoE layers to build (the real model has 16)")
     ap.add_argument("--skip-svd", action="store_true", help="skip the float64 svdvals loop (slow on big models)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (the CPU routes), or a CUDA device: the model is moved there, PEFT's helper runs there "
+                         "and kappatune.scan uses its device route")
     ap.add_argument("--repeat", type=int, default=3,
                     help="kappatune and PEFT runs, alternating (medians are compared; the machine is noisy)")
     a = ap.parse_args()
@@ -92,6 +95,11 @@ def main() -> None:
 
     model, label = build(a.model, a.layers)
     model.eval()
+    on_device = a.device != "cpu"
+    if on_device:
+        if not a.device.startswith("torch:"):  # torch:cpu: the device route on the CPU (harness check)
+            model.to(a.device)
+        label += f", kappatune on {a.device}"
     print(f"machine: {machine()}")
     print(f"model: {label}")
     src = open_source(model)
@@ -101,12 +109,26 @@ def main() -> None:
 
     from peft import find_kappa_target_modules
 
-    kappatune.scan(model, cache=False)  # warm-up: library loading, first-touch of buffers
+    def sync():
+        if on_device and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def ours():
+        r = kappatune.scan(model, cache=False, device=a.device)
+        sync()
+        return r
+
+    def peft():
+        r = find_kappa_target_modules(model, top_p=1.0, show_progress=False)
+        sync()
+        return r
+
+    ours()  # warm-up: library loading, first-touch of buffers, CUDA context
     peft_times, our_times = [], []
     for _ in range(max(1, a.repeat)):
-        t, peft_out = timed(lambda: find_kappa_target_modules(model, top_p=1.0, show_progress=False))
+        t, peft_out = timed(peft)
         peft_times.append(t)
-        t, rep = timed(lambda: kappatune.scan(model, cache=False))
+        t, rep = timed(ours)
         our_times.append(t)
     t_peft, t_ours = median(peft_times), median(our_times)
     pair = sorted(p / o for p, o in zip(peft_times, our_times))
@@ -117,7 +139,7 @@ def main() -> None:
             x = x.T if x.shape[0] > x.shape[1] else x
             x @ x.T
 
-    t_floor, _ = timed(floor)
+    t_floor, _ = timed(floor) if not on_device else (float("nan"), None)
 
     def floor_syrk():
         from concurrent.futures import ThreadPoolExecutor
@@ -132,8 +154,11 @@ def main() -> None:
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(_workers(None, len(mats))) as pool:
             list(pool.map(lambda m: _gram_tri(m.T if m.shape[0] > m.shape[1] else m), mats.values()))
 
-    floor_syrk()
-    t_floor_syrk, _ = timed(floor_syrk)
+    if not on_device:
+        floor_syrk()
+        t_floor_syrk, _ = timed(floor_syrk)
+    else:  # the dsyrk floor is a CPU figure
+        t_floor_syrk = float("nan")
     ref = None
     t_svd = float("nan")
     if not a.skip_svd:

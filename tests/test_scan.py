@@ -319,3 +319,53 @@ def test_fused_tensor_units_are_spread_over_workers_and_loaded_once(tmp_path, mo
     assert all(len(threads[k]) == 2 for k in fused), threads  # each fused tensor's units ran on both workers
     serial = kappatune.scan(model, cache=False, workers=1)
     assert [(u.name, u.kappa) for u in rep.units] == [(u.name, u.kappa) for u in serial.units]
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "llama"])
+def test_device_route_matches_cpu_routes(arch):
+    """The batched float64 torch route (what runs on a GPU), run here on the CPU: same kappas and
+    log-volumes as the CPU routes, same selection, the device recorded in the report."""
+    model = make_model(arch)
+    cpu = kappatune.scan(model, cache=False)
+    dev = kappatune.scan(model, cache=False, device="torch:cpu")
+    assert [u.name for u in dev.units] == [u.name for u in cpu.units]
+    for a, b in zip(cpu.units, dev.units):
+        assert b.kappa == pytest.approx(a.kappa, rel=1e-8), (a.name, a.method, b.method)
+        assert b.log_volume == pytest.approx(a.log_volume, rel=1e-9, abs=1e-9)
+        assert b.content_hash == a.content_hash
+    assert dev.options["device"] == "torch:cpu" and cpu.options["device"] == "cpu"
+    exact = kappatune.scan(model, cache=False, device="torch:cpu", exact=True)
+    assert {u.method for u in exact.units} == {"svd"}
+    for a, b in zip(cpu.units, exact.units):
+        assert b.kappa == pytest.approx(a.kappa, rel=1e-8)
+
+
+def test_device_route_batches_ill_conditioned_and_nonfinite():
+    from kappatune.spectral import spectra_torch
+
+    g = torch.Generator().manual_seed(4)
+    u, _ = torch.linalg.qr(torch.randn(180, 180, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(300, 180, generator=g, dtype=torch.float64))
+    ill = (u * torch.logspace(0, -6, 180, dtype=torch.float64)) @ v.T  # kappa 1e6: beyond the Gram's trust
+    well = torch.randn(180, 300, generator=g, dtype=torch.float64)
+    bad = well.clone()
+    bad[3, 7] = float("nan")
+    out = spectra_torch([ill, well, bad, ill.T.contiguous()], device="cpu", max_batch_bytes=1)  # batches of one
+    same = spectra_torch([ill, well, bad, ill.T.contiguous()], device="cpu")  # one batch per shape
+    for w, s, t in zip([ill, well, None, ill.T], out, same):
+        assert s == t
+        if w is None:
+            assert s.status == "nonfinite"
+            continue
+        ref = np_kappa(w.numpy())
+        assert s.kappa == pytest.approx(ref, rel=1e-6)
+    assert out[0].method == "qr-svd" and out[1].method == "gram-eigh"
+
+
+def test_device_option_errors():
+    model = make_model("llama")
+    with pytest.raises(kappatune.KappaTuneError, match="device"):
+        kappatune.scan(model, cache=False, device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(kappatune.KappaTuneError, match="CUDA"):
+            kappatune.scan(model, cache=False, device="cuda")

@@ -32,6 +32,9 @@ def _add_scan(sub):
     p.add_argument("--cache-dir", help="cache folder (default ~/.cache/kappatune/spectra or $KAPPATUNE_CACHE_DIR)")
     p.add_argument("--exact", action="store_true", help="float64 svdvals for every unit (slower, no Gram route)")
     p.add_argument("--input-var", type=float, default=1.0, help="input variance for the entropy figures (eq. 6)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA device when present, else CPU), cpu, cuda, cuda:N, or torch:cpu (the batched "
+                        "device route run on the CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_scan)
 
@@ -43,7 +46,8 @@ def cmd_scan(a) -> int:
     import os
 
     rep = scan(a.path, embeddings=a.embeddings, include_routers=a.include_routers, cache=not a.no_cache,
-               cache_dir=a.cache_dir, progress=not a.no_progress, input_var=a.input_var, exact=a.exact)
+               cache_dir=a.cache_dir, progress=not a.no_progress, input_var=a.input_var, exact=a.exact,
+               device=a.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch only rank 0 writes
         return 0
     if a.output:

@@ -86,7 +86,7 @@ class _Cache:
 def scan(source, *, embeddings: bool = False, include_routers: bool = False, cache: bool = True,
          cache_dir: str | None = None, progress: bool = False, input_var: float = 1.0,
          exact: bool = False, workers: int | None = None, memory_budget: int | None = None,
-         distributed: bool = True) -> KappaReport:
+         distributed: bool = True, device: str | None = None) -> KappaReport:
     """Spectra of every eligible unit of ``source`` (an ``nn.Module`` or a path).
 
     Args:
@@ -103,13 +103,20 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
             within ~3x that tensor above the baseline); larger tensors are then scanned one at a time.
         distributed: under torchrun / accelerate launch (or an initialised process group), split the work
             across ranks; False scans everything in this process (what training does before DDP starts).
+        device: where the spectra are computed. None / "auto": a CUDA device when one is available (the
+            rank's own under torchrun), else the CPU routes; "cpu": the CPU routes; any other torch device
+            ("cuda", "cuda:1"): the batched float64 torch route on it (``spectral.spectra_torch``);
+            "torch:cpu" runs that route on the CPU (for comparison and tests). If the device route fails,
+            the affected units are computed on the CPU routes (with a warning).
     """
     if input_var <= 0:
         raise KappaTuneError(f"input_var must be > 0, got {input_var}")
     t0 = time.perf_counter()
+    compute_dev = _resolve_device(device)
     src: Source = open_source(source)
     options = {"embeddings": bool(embeddings), "include_routers": bool(include_routers),
-               "input_var": float(input_var), "exact": bool(exact)}
+               "input_var": float(input_var), "exact": bool(exact),
+               "device": "torch:cpu" if compute_dev == "cpu" else (compute_dev or "cpu")}
     ents = {e.source: e for e in src.entries()}
     plan = plan_units(list(ents.values()), model_type=src.model_type, embeddings=embeddings,
                       include_routers=include_routers)
@@ -167,7 +174,21 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
     # small level-2 calls of Lanczos are many times slower with threads
     limiter = _blas_single_thread()
     try:
-        if n_workers == 1:
+        if compute_dev is not None:
+            for key in my_keys:
+                try:
+                    tensor = src.load(key)
+                except KappaTuneError as e:
+                    res, n_hit = failed(key, by_source[key], e)
+                else:
+                    res, n_hit = _units_on_device(by_source[key], tensor, compute_dev, store, input_var, exact,
+                                                  dtypes.get(key, "?"))
+                    del tensor
+                hits += n_hit
+                for r in res:
+                    results[r.name] = r
+                bar.update(len(res))
+        elif n_workers == 1:
             for key in my_keys:
                 res, n_hit = work(key)
                 hits += n_hit
@@ -269,6 +290,68 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
     return KappaReport(units=units, skipped=skipped, source=src.describe(), options=options,
                        structure_fingerprint=fp, content_fingerprint=ch, elapsed_s=time.perf_counter() - t0,
                        cache_hits=hits)
+
+
+def _resolve_device(device: str | None) -> str | None:
+    """The torch device of the batched route, or None for the CPU routes."""
+    if device in (None, "auto"):
+        if not torch.cuda.is_available():
+            return None
+        local = os.environ.get("LOCAL_RANK")
+        return f"cuda:{int(local)}" if local is not None and torch.cuda.device_count() > 1 else "cuda"
+    if device == "cpu":
+        return None
+    if device == "torch:cpu":
+        return "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise KappaTuneError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KappaTuneError(f"device {device!r} requested but torch sees no CUDA device")
+    return str(dev)
+
+
+def _units_on_device(specs: list[UnitSpec], tensor: torch.Tensor, dev: str, store, input_var: float, exact: bool,
+                     dtype_name: str) -> tuple[list[UnitResult], int]:
+    """One source tensor's units through ``spectra_torch`` on ``dev`` (cache hits skipped), falling back to
+    the CPU routes if the device route raises."""
+    from .spectral import spectra_torch
+
+    dtype = str(tensor.dtype).replace("torch.", "")
+    hashes, got, todo = {}, {}, []
+    for spec in specs:
+        try:
+            hashes[spec.name] = content_hash(_raw(spec, tensor))
+        except Exception as e:  # noqa: BLE001 - reported per unit
+            got[spec.name] = e
+            continue
+        s = store.get(hashes[spec.name])
+        if s is not None:
+            got[spec.name] = s
+        else:
+            todo.append(spec)
+    n_hit = sum(1 for v in got.values() if isinstance(v, Spectrum))
+    if todo:
+        mats = [unit_matrix(sp, tensor) for sp in todo]
+        try:
+            specs_out = spectra_torch(mats, device=dev, input_var=input_var, exact=exact)
+        except Exception as e:  # noqa: BLE001 - e.g. out of device memory, a missing solver
+            log.warning("device route on %s failed (%s); computing %d units on the CPU", dev, e, len(todo))
+            specs_out = [spectrum(m, input_var=input_var, force_exact=exact) for m in mats]
+        for sp, s in zip(todo, specs_out):
+            store.put(hashes[sp.name], s)
+            got[sp.name] = s
+    out = []
+    for spec in specs:
+        s = got[spec.name]
+        if isinstance(s, Exception):
+            out.append(_result(spec, dtype_name, None, "", "error", str(s)))
+            continue
+        if s.status == "nonfinite":
+            log.warning("%s: weights contain NaN or Inf; kappa is undefined (status 'nonfinite')", spec.name)
+        out.append(_result(spec, dtype, s, hashes[spec.name], s.status))
+    return out, n_hit
 
 
 def _distributed() -> tuple[int, int, bool]:
