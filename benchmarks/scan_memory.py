@@ -26,8 +26,8 @@ mode, path = sys.argv[1], sys.argv[2]
 import torch
 import kappatune
 from kappatune import scanner
-from kappatune.spectral import _cblas, _syrk
-_syrk(); _cblas()  # scipy's BLAS/LAPACK libraries, loaded by the first scan: code, counted in the baseline
+from kappatune.spectral import _cblas, _scipy_lapack
+_scipy_lapack(); _cblas()  # scipy's BLAS/LAPACK libraries, loaded by the first scan: code, counted in the baseline
 import xxhash
 base = hwm()
 t = time.perf_counter()

@@ -132,25 +132,25 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
     bar = _progress(len(plan.units), progress)
     dtypes = {k: e.dtype for k, e in ents.items()}
 
+    def cpu_spectra(specs: list[UnitSpec], tensor: torch.Tensor) -> list:
+        return [_attempt(lambda sp=sp: spectrum(unit_matrix(sp, tensor), input_var=input_var, force_exact=exact))
+                for sp in specs]
+
+    def device_spectra(specs: list[UnitSpec], tensor: torch.Tensor) -> list:
+        from .spectral import spectra_torch
+
+        try:
+            return spectra_torch([unit_matrix(sp, tensor) for sp in specs], device=compute_dev,
+                                 input_var=input_var, exact=exact)
+        except Exception as e:  # noqa: BLE001 - e.g. out of device memory, a missing solver
+            log.warning("device route on %s failed (%s); computing %d units on the CPU", compute_dev, e,
+                        len(specs))
+            return cpu_spectra(specs, tensor)
+
+    compute = cpu_spectra if compute_dev is None else device_spectra
+
     def units_of(key: str, specs: list[UnitSpec], tensor: torch.Tensor) -> tuple[list[UnitResult], int]:
-        out, n_hit = [], 0
-        for spec in specs:
-            try:
-                raw = _raw(spec, tensor)
-                chash = content_hash(raw)
-                s = store.get(chash)
-                if s is not None:
-                    n_hit += 1
-                else:
-                    s = spectrum(unit_matrix(spec, tensor), input_var=input_var, force_exact=exact)
-                    store.put(chash, s)
-                if s.status == "nonfinite":
-                    log.warning("%s: weights contain NaN or Inf; kappa is undefined (status 'nonfinite')", spec.name)
-                out.append(_result(spec, str(tensor.dtype).replace("torch.", ""), s, chash, s.status))
-            except Exception as e:  # one bad tensor never aborts the scan
-                log.warning("%s: %s", spec.name, e)
-                out.append(_result(spec, dtypes.get(key, "?"), None, "", "error", str(e)))
-        return out, n_hit
+        return _scan_units(specs, tensor, store, dtypes.get(key, "?"), compute)
 
     def failed(key: str, specs: list[UnitSpec], e: Exception) -> tuple[list[UnitResult], int]:
         return [_result(sp, dtypes.get(key, "?"), None, "", "error", str(e)) for sp in specs], 0
@@ -168,27 +168,12 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
                      rank, world) if world > 1 else list(by_source)
     n_workers = _workers(workers, max(sum(len(by_source[k]) for k in my_keys), 1))
     old_threads = torch.get_num_threads()
-    limiter = None
     malloc_tuned = src.kind != "module" and _mmap_threshold(1 << 20)
     # every BLAS (torch's, numpy/scipy's OpenBLAS) single-threaded: workers are the parallelism, and the
     # small level-2 calls of Lanczos are many times slower with threads
     limiter = _blas_single_thread()
     try:
-        if compute_dev is not None:
-            for key in my_keys:
-                try:
-                    tensor = src.load(key)
-                except KappaTuneError as e:
-                    res, n_hit = failed(key, by_source[key], e)
-                else:
-                    res, n_hit = _units_on_device(by_source[key], tensor, compute_dev, store, input_var, exact,
-                                                  dtypes.get(key, "?"))
-                    del tensor
-                hits += n_hit
-                for r in res:
-                    results[r.name] = r
-                bar.update(len(res))
-        elif n_workers == 1:
+        if n_workers == 1 or compute_dev is not None:  # a device route batches within a tensor
             for key in my_keys:
                 res, n_hit = work(key)
                 hits += n_hit
@@ -231,7 +216,7 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
 
             with ThreadPoolExecutor(max_workers=n_workers) as pool:
                 pending: dict = {}  # future -> (key, work bytes)
-                inflight_src: dict[str, int] = {}  # tensors held -> tasks of theirs not yet finished
+                inflight_src: set[str] = set()  # source tensors held: a task of theirs has started, not all ended
                 i = 0
 
                 def in_flight() -> int:
@@ -246,16 +231,15 @@ def scan(source, *, embeddings: bool = False, include_routers: bool = False, cac
                         if pending and in_flight() + extra > budget:
                             break
                         pending[pool.submit(run, key, specs)] = (key, _work_bytes(specs))
-                        inflight_src[key] = inflight_src.get(key, 0) + 1
+                        inflight_src.add(key)
                         i += 1
                     if not pending:
                         break
                     done, _ = wait(set(pending), return_when=FIRST_COMPLETED)
                     for f in done:
                         key, _ = pending.pop(f)
-                        inflight_src[key] -= 1
-                        if inflight_src[key] == 0 and held[key].left == 0:
-                            del inflight_src[key]
+                        if held[key].left == 0:  # its last task has ended: the tensor is released
+                            inflight_src.discard(key)
                         res, n_hit = f.result()
                         hits += n_hit
                         for r in res:
@@ -312,40 +296,43 @@ def _resolve_device(device: str | None) -> str | None:
     return str(dev)
 
 
-def _units_on_device(specs: list[UnitSpec], tensor: torch.Tensor, dev: str, store, input_var: float, exact: bool,
-                     dtype_name: str) -> tuple[list[UnitResult], int]:
-    """One source tensor's units through ``spectra_torch`` on ``dev`` (cache hits skipped), falling back to
-    the CPU routes if the device route raises."""
-    from .spectral import spectra_torch
+def _attempt(fn):
+    """fn()'s result, or the exception it raised (one bad unit never aborts a scan)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - reported per unit
+        return e
 
+
+def _scan_units(specs: list[UnitSpec], tensor: torch.Tensor, store, dtype_name: str,
+                compute) -> tuple[list[UnitResult], int]:
+    """One source tensor's units: content hashes, cache hits, ``compute(specs, tensor)`` (one Spectrum or
+    exception per unit) for the others, results in ``specs`` order; (results, cache hits)."""
     dtype = str(tensor.dtype).replace("torch.", "")
-    hashes, got, todo = {}, {}, []
+    hashes: dict[str, str] = {}
+    got: dict[str, Spectrum | Exception] = {}
+    todo: list[UnitSpec] = []
     for spec in specs:
-        try:
-            hashes[spec.name] = content_hash(_raw(spec, tensor))
-        except Exception as e:  # noqa: BLE001 - reported per unit
-            got[spec.name] = e
+        h = _attempt(lambda: content_hash(_raw(spec, tensor)))
+        if isinstance(h, Exception):
+            got[spec.name] = h
             continue
-        s = store.get(hashes[spec.name])
-        if s is not None:
-            got[spec.name] = s
-        else:
+        hashes[spec.name] = h
+        s = store.get(h)
+        if s is None:
             todo.append(spec)
-    n_hit = sum(1 for v in got.values() if isinstance(v, Spectrum))
-    if todo:
-        mats = [unit_matrix(sp, tensor) for sp in todo]
-        try:
-            specs_out = spectra_torch(mats, device=dev, input_var=input_var, exact=exact)
-        except Exception as e:  # noqa: BLE001 - e.g. out of device memory, a missing solver
-            log.warning("device route on %s failed (%s); computing %d units on the CPU", dev, e, len(todo))
-            specs_out = [spectrum(m, input_var=input_var, force_exact=exact) for m in mats]
-        for sp, s in zip(todo, specs_out):
-            store.put(hashes[sp.name], s)
-            got[sp.name] = s
+        else:
+            got[spec.name] = s
+    n_hit = len(specs) - len(todo) - sum(isinstance(v, Exception) for v in got.values())
+    for spec, s in zip(todo, compute(todo, tensor) if todo else []):
+        if isinstance(s, Spectrum):
+            store.put(hashes[spec.name], s)
+        got[spec.name] = s
     out = []
     for spec in specs:
         s = got[spec.name]
         if isinstance(s, Exception):
+            log.warning("%s: %s", spec.name, s)
             out.append(_result(spec, dtype_name, None, "", "error", str(s)))
             continue
         if s.status == "nonfinite":
@@ -477,9 +464,9 @@ def _progress(total: int, enabled: bool):
 
 def _blas_single_thread():
     """Limit every loaded BLAS (torch's, scipy's OpenBLAS) to one thread while scan threads run."""
-    from .spectral import _cblas, _syrk
+    from .spectral import _cblas, _scipy_lapack
 
-    _syrk()  # load scipy's BLAS first: threadpoolctl only limits libraries already loaded
+    _scipy_lapack()  # load scipy's BLAS first: threadpoolctl only limits libraries already loaded
     _cblas()  # and find the CBLAS routines once, before scan threads start
     try:
         from threadpoolctl import threadpool_limits

@@ -60,7 +60,7 @@ class Spectrum:
     entropy_deficit: float
     frobenius_sq: float
     status: str  # "ok" | "singular" | "nonfinite"
-    method: str  # "gram-eigh" | "svd" | "none"
+    method: str  # "lu-lanczos" | "gram-lanczos" | "gram-eigh" | "qr-lanczos" | "qr-svd" | "svd" | "none"
 
 
 def _figures(sv_log2_sum: float, s_max: float, s_min: float, fro_sq: float, p: int, m: int, n: int,
@@ -277,7 +277,7 @@ def _extremes_lu(a: torch.Tensor, blas) -> tuple[tuple[float, float, float, str]
 
     p = a.shape[0]
     a_f = a.numpy().T  # column-major view of A^T: same singular values, factored in place
-    a_max = float(np.abs(a_f).max())
+    a_max = float(torch.linalg.vector_norm(a, float("inf")))  # max |a_ij|, no p x p temporary
     if blas.getrf(a_f) != 0:
         return None, None  # an exact zero pivot (info > 0): singular to working precision, or a bad argument
     d = np.abs(np.diagonal(a_f))
@@ -307,7 +307,7 @@ def _extremes_qr(a: torch.Tensor, s_max: float | None = None, *,
 
     p = a.shape[0]
     if overwrite and a.device.type == "cpu" and a.dtype == torch.float64 and a.is_contiguous() \
-            and _syrk() is not None:
+            and _scipy_lapack():
         from scipy.linalg.lapack import dgeqrf
 
         # a is row-major (p, q): its numpy transpose is the column-major tall (q, p) matrix, factored in place
@@ -354,20 +354,21 @@ def _trim_buffer() -> None:
         _tls.buf = None
 
 
-def _syrk():
-    """scipy's BLAS ``dsyrk`` (symmetric rank-k update: half the flops of a general product), or None."""
-    global _SYRK
-    if _SYRK is None:
+def _scipy_lapack() -> bool:
+    """Whether scipy's LAPACK wrappers import (loading scipy's OpenBLAS, so threadpoolctl can limit it): the
+    in-place factorisations of the Gram and QR routes use them where LAPACKE is not found."""
+    global _SCIPY
+    if _SCIPY is None:
         try:
-            from scipy.linalg.blas import dsyrk
+            import scipy.linalg.lapack  # noqa: F401
 
-            _SYRK = dsyrk
+            _SCIPY = True
         except ImportError:  # pragma: no cover - scipy is a dependency
-            _SYRK = False
-    return _SYRK or None
+            _SCIPY = False
+    return _SCIPY
 
 
-_SYRK = None
+_SCIPY: bool | None = None
 #: Accumulate the Gram with cblas_dsyrk through ctypes (half the flops, GIL released) when available. The
 #: last-bit run-to-run differences once blamed on it came from an unlocked lazy initialisation: a second scan
 #: thread saw the half-built state, took the torch route for its first unit and rounded differently.
@@ -379,8 +380,7 @@ def gram64(a: torch.Tensor, *, use_syrk: bool = True) -> torch.Tensor:
     reused buffer (never a full float64 copy of ``a``). On CPU the products go through BLAS ``dsyrk``, which
     computes one triangle only (half the flops of ``addmm``); the other triangle is mirrored at the end."""
     p, q = a.shape
-    syrk = _syrk() if use_syrk and a.device.type == "cpu" else None
-    if syrk is None:
+    if not (use_syrk and a.device.type == "cpu" and _scipy_lapack()):
         g = torch.zeros(p, p, dtype=torch.float64, device=a.device)
         if a.dtype == torch.float64 or a.device.type != "cpu":
             a64 = a.to(torch.float64)
@@ -644,7 +644,7 @@ def spectrum(w: torch.Tensor, *, input_var: float = 1.0, force_exact: bool = Fal
         a = _as_float64(w2)
         fro_sq = float(a.reshape(-1) @ a.reshape(-1))
     else:
-        if w2.device.type == "cpu" and _syrk() is not None:
+        if w2.device.type == "cpu" and _scipy_lapack():
             g = _gram_tri(w2)  # (column-major numpy, lower?): one triangle filled
             fro_sq = float(g[0].trace())
         else:
