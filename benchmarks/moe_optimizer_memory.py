@@ -30,7 +30,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(cfg)
     rep = kappatune.scan(model, cache=False)
     sel = kappatune.select(rep, count=a.experts, groups=["expert"])
-    kappatune.apply(model, sel)
+    handle = kappatune.apply(model, sel)
     fused = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in fused]
     grads = [torch.randn_like(p) for p in fused]
@@ -38,7 +38,7 @@ def main() -> None:
     for p, g in zip(fused, grads):
         p.grad = g.clone()
     ours.step()
-    rows = model._kappatune_slice_rows
+    rows = handle.slice_rows
     params = dict(model.named_parameters())
     intact = True
     for (name, idx), b in zip(rows.items(), before):

@@ -25,9 +25,8 @@ def hwm():  # peak RSS of this process image (VmHWM restarts at exec; ru_maxrss 
 mode, path = sys.argv[1], sys.argv[2]
 import torch
 import kappatune
-from kappatune import scanner
-from kappatune.spectral import _cblas, _scipy_lapack
-_scipy_lapack(); _cblas()  # scipy's BLAS/LAPACK libraries, loaded by the first scan: code, counted in the baseline
+from kappatune.spectral.blas import cblas, load_scipy_lapack
+load_scipy_lapack(); cblas()  # scipy's BLAS/LAPACK libraries, loaded by the first scan: code, counted in the baseline
 import xxhash
 base = hwm()
 t = time.perf_counter()

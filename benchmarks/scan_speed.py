@@ -90,7 +90,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import kappatune
-    from kappatune.scanner import open_source
+    from kappatune.sources import open_source
     from kappatune.units import plan_units, unit_matrix
 
     model, label = build(a.model, a.layers)
@@ -146,13 +146,13 @@ def main() -> None:
 
         from threadpoolctl import threadpool_limits
 
-        from kappatune.scanner import _workers
-        from kappatune.spectral import _gram_tri
+        from kappatune.scan_executor import resolve_workers
+        from kappatune.spectral.gram import gram_tri
 
         # what the scan's workers do for the Gram (dsyrk: one triangle), as many threads as the scan uses,
         # one BLAS thread each, nothing else: the floor of the Gram route
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(_workers(None, len(mats))) as pool:
-            list(pool.map(lambda m: _gram_tri(m.T if m.shape[0] > m.shape[1] else m), mats.values()))
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(resolve_workers(None, len(mats))) as pool:
+            list(pool.map(lambda m: gram_tri(m.T if m.shape[0] > m.shape[1] else m), mats.values()))
 
     if not on_device:
         floor_syrk()

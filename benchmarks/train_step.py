@@ -30,7 +30,8 @@ def main() -> None:
     import kappatune
     from kappatune.policies import parse_size
     from kappatune.slices import optimizer_state_bytes
-    from kappatune.train import LORA_DEFAULT_TARGETS, lora_modules, match_rank
+    from kappatune.integrations.peft import match_rank
+    from kappatune.methods.lora import LORA_DEFAULT_TARGETS, lora_modules
 
     budget = parse_size(a.budget)
     km, label = build("smollm2", 0)

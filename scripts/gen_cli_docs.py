@@ -11,13 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def render() -> str:
     os.environ["COLUMNS"] = "110"
     sys.path.insert(0, os.path.join(ROOT, "src"))
-    from kappatune.cli import build_parser
+    from kappatune.cli import parser_with_commands
 
-    p = build_parser()
+    p, commands = parser_with_commands()
     parts = ["# CLI reference\n\nGenerated from the parser (`python scripts/gen_cli_docs.py`; "
              "`kappatune COMMAND --help` shows the same).\n", "## kappatune\n\n```\n" + p.format_help() + "```\n"]
-    sub = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction")
-    for name, sp in sub.choices.items():
+    for name, sp in commands.items():
         parts.append(f"## kappatune {name}\n\n```\n" + sp.format_help() + "```\n")
     return "\n".join(parts)
 

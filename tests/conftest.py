@@ -1,10 +1,15 @@
 """Tiny seeded models built from configs (no download), shared by the tests."""
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from transformers import TrainerCallback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,17 +53,6 @@ class ConvNet(torch.nn.Module):
         self.conv3 = torch.nn.Conv3d(12, 6, (2, 2, 2))
         self.bn = torch.nn.BatchNorm2d(12)
         self.fc = torch.nn.Linear(6, 4)
-
-
-@pytest.fixture
-def tiny():
-    return make_model
-
-
-@pytest.fixture
-def convnet():
-    torch.manual_seed(0)
-    return ConvNet()
 
 
 @pytest.fixture(autouse=True)
@@ -121,3 +115,30 @@ def toy_rows(n=24, seed=0):
         lab = "positive" if i % 2 == 0 else "negative"
         rows.append({"text": rng.choice(pos if lab == "positive" else neg), "label": lab})
     return rows
+
+
+# ---- helpers shared by several test modules -------------------------------------------------------
+def run(*args, cwd=None):
+    exe = shutil.which("kappatune")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "kappatune", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kappatune: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+class InterruptAt(TrainerCallback):
+    """Sends SIGINT (what Ctrl-C does) to this process at one optimizer step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 
 import kappatune
+import kappatune.hashing
+import kappatune.integrations.fsdp
 from conftest import make_lm
 from kappatune.errors import KappaTuneError
 from kappatune.integrations.fsdp import full_state_dict, shard
@@ -35,7 +37,7 @@ def main(out: str) -> None:
         opt.step()
         opt.zero_grad()
     state = full_state_dict(model)
-    digests = json.dumps({k: kappatune.freeze.tensor_digest(v) for k, v in sorted(state.items())})
+    digests = json.dumps({k: kappatune.hashing.tensor_hash(v) for k, v in sorted(state.items())})
     allv = [None] * dist.get_world_size()
     dist.all_gather_object(allv, digests)
     if rank == 0:
@@ -44,7 +46,7 @@ def main(out: str) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, out + ".safetensors")
         with open(out + ".json", "w") as f:
             json.dump({"selected": sel.names, "ranks_identical": all(v == allv[0] for v in allv),
-                       "scan_refused": refused, "units": model._kappatune_fsdp_units}, f)
+                       "scan_refused": refused, "units": kappatune.integrations.fsdp.sharded_units(model)}, f)
     dist.barrier()
     dist.destroy_process_group()
 

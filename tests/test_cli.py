@@ -1,20 +1,13 @@
 """The real `kappatune` entry point, in a subprocess, including bad input."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import make_model
-
-
-def run(*args, cwd=None):
-    exe = shutil.which("kappatune")
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "kappatune", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+from conftest import make_model, one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +15,6 @@ def saved(tmp_path_factory):
     d = tmp_path_factory.mktemp("m")
     make_model("llama").save_pretrained(d / "llama")
     return d / "llama"
-
-
-def _one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kappatune: error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_version_is_fast():
@@ -66,7 +50,7 @@ def test_scan_show_select_end_to_end(saved, tmp_path):
 def test_missing_path(tmp_path):
     out = tmp_path / "r.json"
     r = run("scan", str(tmp_path / "nope"), "-o", str(out))
-    _one_line_error(r, "no such file")
+    one_line_error(r, "no such file")
     assert not out.exists()
 
 
@@ -77,7 +61,7 @@ def test_truncated_and_corrupt_safetensors(saved, tmp_path):
     for name in ("trunc.safetensors", "junk.safetensors"):
         out = tmp_path / f"{name}.json"
         r = run("scan", str(tmp_path / name), "-o", str(out), "--no-progress")
-        _one_line_error(r, name)
+        one_line_error(r, name)
         assert not out.exists()
 
 
@@ -86,7 +70,7 @@ def test_no_eligible_tensor(tmp_path):
 
     save_file({"norm.weight": torch.ones(4), "x.bias": torch.zeros(4)}, str(tmp_path / "n.safetensors"))
     r = run("scan", str(tmp_path / "n.safetensors"), "-o", str(tmp_path / "o.json"))
-    _one_line_error(r, "no eligible")
+    one_line_error(r, "no eligible")
     assert not (tmp_path / "o.json").exists()
 
 
@@ -94,10 +78,10 @@ def test_select_bad_inputs(saved, tmp_path):
     rep = tmp_path / "r.json"
     assert run("scan", str(saved), "-o", str(rep), "--no-progress").returncode == 0
     out = tmp_path / "s.json"
-    _one_line_error(run("select", str(rep), "--budget-params", "50M", "-o", str(out)), "larger than")
-    _one_line_error(run("select", str(rep), "--count", "2", "--include", "q_proj", "-o", str(out)), "matches no unit")
-    _one_line_error(run("select", str(tmp_path / "missing.json"), "--count", "2", "-o", str(out)), "no such")
-    _one_line_error(run("select", str(rep), "--count", "abc", "-o", str(out)), "abc")
+    one_line_error(run("select", str(rep), "--budget-params", "50M", "-o", str(out)), "larger than")
+    one_line_error(run("select", str(rep), "--count", "2", "--include", "q_proj", "-o", str(out)), "matches no unit")
+    one_line_error(run("select", str(tmp_path / "missing.json"), "--count", "2", "-o", str(out)), "no such")
+    one_line_error(run("select", str(rep), "--count", "abc", "-o", str(out)), "abc")
     assert not out.exists()
 
 
@@ -107,7 +91,7 @@ def test_slice_export_refused_leaves_no_files(tmp_path):
     assert run("scan", str(tmp_path / "moe"), "-o", str(rep), "--no-progress").returncode == 0
     out, ax = tmp_path / "s.json", tmp_path / "a.yaml"
     r = run("select", str(rep), "--count", "3", "--group", "expert", "-o", str(out), "--axolotl", str(ax))
-    _one_line_error(r, "one expert")
+    one_line_error(r, "one expert")
     assert not out.exists() and not ax.exists()
 
 
@@ -120,6 +104,10 @@ def test_cli_imports_no_torch_for_help_and_version():
     from kappatune.train import LORA_DEFAULT_TARGETS
 
     assert LORA_TARGETS_HELP == ",".join(LORA_DEFAULT_TARGETS)
+    from kappatune.cli.train import METHOD_NAMES
+    from kappatune.methods import METHODS
+
+    assert sorted(METHOD_NAMES) == sorted(METHODS)  # --method's help names exactly the registered methods
 
 
 def test_cli_reference_is_up_to_date():
@@ -131,3 +119,55 @@ def test_cli_reference_is_up_to_date():
     script = Path(__file__).resolve().parents[1] / "scripts" / "gen_cli_docs.py"
     r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_help_is_user_facing_and_torch_free():
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "kappatune", "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0
+    assert not [ln for ln in r.stderr.splitlines() if "torch" in ln.split("|")[-1]]  # importtime lines
+    assert "without destroying what it already knows" in r.stdout and "example:" in r.stdout
+    assert "one library function" not in r.stdout  # not the developer docstring
+
+
+def test_every_command_help_has_an_example(capsys):
+    from kappatune.cli import build_parser
+
+    for cmd in ("scan", "show", "select", "train", "eval", "demo", "compare", "train-speech", "eval-speech"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert f"example:\n  kappatune {cmd} " in out, cmd
+
+
+def test_order_choices_come_from_the_registry(monkeypatch):
+    """A newly registered order is accepted by every command that takes --order, with no CLI edit."""
+    from kappatune.cli import build_parser
+    from kappatune.policies import ORDERS, Order
+
+    monkeypatch.setitem(ORDERS, "by-name", Order("by-name", lambda units, ctx: sorted(units, key=lambda u: u.name),
+                                                 "alphabetical (test only)"))
+    p = build_parser()
+    for name in ORDERS:
+        assert p.parse_args(["select", "r.json", "--count", "1", "--order", name]).order == name
+        assert p.parse_args(["train-speech", "m", "--manifest", "t.jsonl", "-o", "o", "--order", name]).order == name
+    with pytest.raises(SystemExit):
+        p.parse_args(["select", "r.json", "--count", "1", "--order", "no-such-order"])
+
+
+def test_select_options_mirror_select_config(tmp_path):
+    """Every SelectConfig field is a select option, and parsed options build the same config as the API."""
+    import dataclasses
+
+    from kappatune.cli import build_parser
+    from kappatune.cli.select import config_from_args
+    from kappatune.policies import SelectConfig
+
+    a = build_parser().parse_args(["select", "r.json", "--budget-params", "1.5k", "--order", "highest", "--seed",
+                                   "3", "--include", "a.*", "--include", "b.*", "--exclude", "c.*", "--kind", "v_proj",
+                                   "--group", "mlp", "--max-per-kind", "2", "--allow-singular"])
+    got = config_from_args(a)
+    want = SelectConfig(budget_params=1500, order="highest", seed=3, include=["a.*", "b.*"], exclude=["c.*"],
+                        kinds=["v_proj"], groups=["mlp"], max_per_kind=2, allow_singular=True)
+    assert got == want
+    assert {f.name for f in dataclasses.fields(SelectConfig)} <= set(vars(a))

@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import toy_rows
-from test_cli import _one_line_error, run
+from conftest import one_line_error, run
 
 
 def _write_jsonl(path, rows):
@@ -48,26 +48,26 @@ def test_train_then_eval_end_to_end(lm_folder, tmp_path):
 def test_train_bad_data(lm_folder, tmp_path):
     out = tmp_path / "out"
     (tmp_path / "empty.jsonl").write_text("")
-    _one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "empty.jsonl"), "-o", str(out)),
+    one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "empty.jsonl"), "-o", str(out)),
                     "no examples")
     _write_jsonl(tmp_path / "nocol.jsonl", [{"tweet": "x", "label": "a"}])
-    _one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "nocol.jsonl"), "-o", str(out)),
+    one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "nocol.jsonl"), "-o", str(out)),
                     "column 'text'")
     _write_jsonl(tmp_path / "ok.jsonl", toy_rows(4))
-    _one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "ok.jsonl"), "-o", str(out),
+    one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "ok.jsonl"), "-o", str(out),
                         "--template", "Tweet: {text}"), "no {label} field")
-    _one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "missing.jsonl"), "-o", str(out)),
+    one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "missing.jsonl"), "-o", str(out)),
                     "no such data file")
-    _one_line_error(run("train", str(tmp_path / "nomodel"), "--data", str(tmp_path / "ok.jsonl"), "-o", str(out)),
+    one_line_error(run("train", str(tmp_path / "nomodel"), "--data", str(tmp_path / "ok.jsonl"), "-o", str(out)),
                     "not a model folder")
-    _one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "ok.jsonl"), "-o", str(out),
+    one_line_error(run("train", str(lm_folder), "--data", str(tmp_path / "ok.jsonl"), "-o", str(out),
                         "--method", "magic"), "unknown method")
     assert not (out / "model").exists()
 
 
 def test_eval_label_not_in_label_set(lm_folder, tmp_path):
     test = _write_jsonl(tmp_path / "t.jsonl", toy_rows(4))
-    _one_line_error(run("eval", str(lm_folder), "--task", str(test), "--labels", "positive,neutral"),
+    one_line_error(run("eval", str(lm_folder), "--task", str(test), "--labels", "positive,neutral"),
                     "not among the labels")
 
 

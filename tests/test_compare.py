@@ -4,10 +4,12 @@ import os
 import pytest
 
 import kappatune
-from kappatune import experiments
-from kappatune.experiments import CompareConfig, aggregate, compare_tables, run_compare
+from kappatune import lab
+from kappatune.errors import KappaTuneError
+from kappatune.lab import LabConfig, RunSpec, run_lab
 from kappatune.integrations.peft import kappatune_lora_config
-from kappatune.train import lora_modules, match_rank
+from kappatune.integrations.peft import match_rank
+from kappatune.methods.lora import lora_modules
 from conftest import make_lm, toy_rows
 
 
@@ -18,63 +20,82 @@ def _write(path, rows):
 
 @pytest.fixture
 def setup(lm_folder, tmp_path):
-    tr = _write(tmp_path / "train.jsonl", toy_rows(12))
+    tr = _write(tmp_path / "train.jsonl", toy_rows(16))
     te = _write(tmp_path / "test.jsonl", toy_rows(6, seed=1))
-    (tmp_path / "ctrl.txt").write_text("words and more words about the world and its things. " * 30)
-    return dict(model=str(lm_folder), train=tr, test=te, control=str(tmp_path / "ctrl.txt"), budget_params=3000,
-                epochs=1, batch_size=4, chunk_len=32, max_chunks=2, isolate=False, output=str(tmp_path / "cmp"))
+    (tmp_path / "ctrl1.txt").write_text("words and more words about the world and its things. " * 30)
+    (tmp_path / "ctrl2.txt").write_text("a second corpus, with other sentences in it; numbers 1 2 3. " * 30)
+    return dict(model=str(lm_folder), train=tr, test=te, controls=(str(tmp_path / "ctrl1.txt"),
+                str(tmp_path / "ctrl2.txt")), budget_params=3000, val_size=4, epochs=1, batch_size=4, chunk_len=32,
+                max_chunks=2, isolate=False, output=str(tmp_path / "cmp"),
+                lr_grid={"selective": (1e-3, 2e-2), "adapter": (1e-3, 2e-2)})
 
 
-def test_compare_table_holds_every_method_and_seed_and_resumes(setup, monkeypatch):
-    cfg = CompareConfig(methods=("kappatune", "lora", "random-same-kind"), seeds=2, **setup)
-    out = run_compare(cfg)
-    pairs = sorted((r["method"], r["seed"]) for r in out["runs"])
-    assert pairs == sorted((m, s) for m in cfg.methods for s in range(2))
-    assert [a["method"] for a in out["aggregate"]] == list(cfg.methods) and all(a["n"] == 2 for a in out["aggregate"])
+def test_lab_protocol_sweep_choose_seed_contrast_and_resume(setup, monkeypatch):
+    cfg = LabConfig(methods=("kappatune", "random-same-kind", "lora"), seeds=2, **setup)
+    out = run_lab(cfg)
+    # 1. sweep: every method at every rate of its grid, seed 0
+    assert sorted((r["method"], r["lr"], r["seed"]) for r in out["sweep"]) == sorted(
+        (m, lr, 0) for m in cfg.methods for lr in (1e-3, 2e-2))
+    # 2. chosen rate: best validation accuracy (ties: the smaller rate) - never forgetting
+    for m in cfg.methods:
+        rs = [r for r in out["sweep"] if r["method"] == m]
+        assert out["chosen_lr"][m] == max(rs, key=lambda r: (r["val_accuracy"], -r["lr"]))["lr"]
+    # 3. seeds at the chosen rate, seed 0 being the sweep run
+    assert sorted((r["method"], r["seed"]) for r in out["runs"]) == sorted((m, s) for m in cfg.methods for s in (0, 1))
+    assert all(r["lr"] == out["chosen_lr"][r["method"]] for r in out["runs"])
+    base = out["base"]
     for r in out["runs"]:
-        assert r["forgetting_dppl"] == pytest.approx(r["control_ppl"] - out["base"]["control_ppl"])
+        for c in cfg.controls:
+            assert r[f"forgetting_dppl[{c}]"] == pytest.approx(r[f"control_ppl[{c}]"] - base[f"control_ppl[{c}]"])
+            assert r[f"forgetting_dnll[{c}]"] == pytest.approx(r[f"control_nll[{c}]"] - base[f"control_nll[{c}]"])
         assert r["trainable_params"] <= 3000 * 1.5
+    # 4. paired contrasts recomputed by hand
+    con = {(c["a"], c["b"], c["metric"]): c for c in out["contrasts"]}
+    key = f"forgetting_dnll[{cfg.controls[1]}]"
+    c = con[("kappatune", "random-same-kind", key)]
+    runs = {(r["method"], r["seed"]): r for r in out["runs"]}
+    d = [runs[("kappatune", s)][key] - runs[("random-same-kind", s)][key] for s in (0, 1)]
+    assert c["n"] == 2 and c["mean"] == pytest.approx(sum(d) / 2)
+    assert c["high"] - c["mean"] == pytest.approx(12.7062 * abs(d[0] - d[1]) / 2 ** 0.5 / 2 ** 0.5, rel=1e-3)
+    assert ("kappatune", "lora", "accuracy") in con and c["verdict"] in ("separated", "not separated at this power")
     folder = setup["output"]
     md = open(os.path.join(folder, "results.md")).read()
-    assert md.count("\n| ") >= 4 and "±" in md
-    assert open(os.path.join(folder, "results.csv")).read().startswith("method,n,accuracy_mean")
-    for png in ("forgetting_vs_accuracy.png", "kappa_distribution.png", "kappa_heatmap.png"):
-        p = os.path.join(folder, png)
-        assert os.path.getsize(p) > 2000
-        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "Paired contrasts" in md and "[" in md
+    for png in ("frontier_ctrl1_txt.png", "frontier_ctrl2_txt.png", "kappa_monitor.png", "kappa_heatmap.png"):
+        assert open(os.path.join(folder, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # a run killed midway (no result.json) is redone; finished runs are not
-    killed = os.path.join(folder, "runs", "lora-seed1")
-    os.remove(os.path.join(killed, "result.json"))
+    killed = RunSpec("lora", out["chosen_lr"]["lora"], 1)
+    os.remove(os.path.join(folder, "runs", killed.name, "result.json"))
     calls = []
-    real = experiments.run_one
+    real = lab.run_one
 
-    def spy(cfg_, method, seed, run_dir):
-        calls.append((method, seed))
-        return real(cfg_, method, seed, run_dir)
+    def spy(cfg_, spec, run_dir):
+        calls.append(spec)
+        return real(cfg_, spec, run_dir)
 
-    monkeypatch.setattr(experiments, "run_one", spy)
-    out2 = run_compare(cfg)
-    assert calls == [("lora", 1)]
-    assert len(out2["runs"]) == 6
+    monkeypatch.setattr(lab, "run_one", spy)
+    out2 = run_lab(cfg)
+    assert calls == [killed] and len(out2["runs"]) == 6
 
 
-def test_compare_isolated_subprocess(setup):
-    setup["isolate"] = True
-    out = run_compare(CompareConfig(methods=("kappatune",), seeds=1, **setup))
+def test_lab_isolated_subprocess(setup):
+    setup.update(isolate=True, lr_grid={"selective": (1e-3,)})
+    out = run_lab(LabConfig(methods=("kappatune",), seeds=1, **setup))
     r = out["runs"][0]
     assert r["method"] == "kappatune" and r["peak_rss_mb"] > 50
 
 
-def test_aggregate_hand_made():
-    runs = [{"method": "a", "accuracy": 0.5, "forgetting_dppl": 1.0}, {"method": "a", "accuracy": 0.7,
-            "forgetting_dppl": 3.0}, {"method": "b", "accuracy": 0.6, "forgetting_dppl": 2.0}]
-    agg = aggregate(runs, ("a", "b"))
-    a = agg[0]
-    assert a["n"] == 2 and a["accuracy_mean"] == pytest.approx(0.6) and a["accuracy_std"] == pytest.approx(0.141421356)
-    assert a["forgetting_dppl_mean"] == pytest.approx(2.0) and a["forgetting_dppl_std"] == pytest.approx(1.41421356)
-    assert agg[1]["accuracy_std"] == 0.0
-    md, csv_text = compare_tables(agg)
-    assert "0.600 ± 0.141" in md and "+2.000 ± 1.414" in md
+@pytest.mark.parametrize("change, message", [
+    (dict(methods=("kappatune", "no-such-method")), "unknown method"),
+    (dict(max_chunks=500), "has only"),
+    (dict(budget_params=10 ** 12), "budget"),
+    (dict(lr_grid={"selective": ()}), "learning-rate grid"),
+])
+def test_lab_refuses_bad_input_before_training(setup, change, message):
+    setup.update(change)
+    with pytest.raises(KappaTuneError, match=message):
+        run_lab(LabConfig(**{"methods": ("kappatune", "lora"), "seeds": 1, **setup}))
+    assert not os.path.exists(os.path.join(setup["output"], "runs"))  # nothing trained
 
 
 def test_lora_rank_matches_budget_within_one_step():
@@ -101,16 +122,16 @@ def test_kappatune_lora_targets_are_the_lowest_kappa_modules_in_order():
 
 
 def test_target_loss_stops_training_early(tmp_path):
-    from kappatune.experiments import _TargetLoss
+    from kappatune.lab import stop_at_loss
     from kappatune.train import TrainConfig, train
 
     model, tok = make_lm()
     cfg = TrainConfig(method="kappatune", budget_params=3000, max_steps=10, batch_size=4, logging_steps=1,
                       progress=False, save_steps=100)
-    res = train(model, tok, toy_rows(16), str(tmp_path / "a"), cfg, extra_callbacks=[_TargetLoss.make(1e9)])
+    res = train(model, tok, toy_rows(16), str(tmp_path / "a"), cfg, extra_callbacks=[stop_at_loss(1e9)])
     assert res.steps == 1
     model, tok = make_lm()
-    res = train(model, tok, toy_rows(16), str(tmp_path / "b"), cfg, extra_callbacks=[_TargetLoss.make(-1.0)])
+    res = train(model, tok, toy_rows(16), str(tmp_path / "b"), cfg, extra_callbacks=[stop_at_loss(-1.0)])
     assert res.steps == 10
 
 

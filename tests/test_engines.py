@@ -67,21 +67,22 @@ def test_train_with_gradient_checkpointing_matches_plain_training(tmp_path):
 
 
 def test_fsdp_settings_force_use_orig_params_and_refuse_the_opposite(tmp_path):
-    from kappatune.train import TrainConfig, _engine_args
+    from kappatune.engines import engine_args
+    from kappatune.train import TrainConfig
 
-    a = _engine_args(TrainConfig(fsdp="full_shard auto_wrap", fsdp_config={"version": 1}))
+    a = engine_args(TrainConfig(fsdp="full_shard auto_wrap", fsdp_config={"version": 1}))
     assert a["fsdp"] == "full_shard auto_wrap" and a["fsdp_config"]["use_orig_params"] is True
     p = tmp_path / "fsdp.json"
     p.write_text(json.dumps({"version": 1, "use_orig_params": False}))
     with pytest.raises(KappaTuneError, match="use_orig_params"):
-        _engine_args(TrainConfig(fsdp="full_shard", fsdp_config=str(p)))
+        engine_args(TrainConfig(fsdp="full_shard", fsdp_config=str(p)))
     # FSDP2 (transformers' default) keeps per-parameter requires_grad: nothing to force
     for fc in ({"version": 2}, None):
-        assert "use_orig_params" not in _engine_args(TrainConfig(fsdp="full_shard", fsdp_config=fc))["fsdp_config"]
+        assert "use_orig_params" not in engine_args(TrainConfig(fsdp="full_shard", fsdp_config=fc))["fsdp_config"]
     with pytest.raises(KappaTuneError, match="not both"):
-        _engine_args(TrainConfig(fsdp="full_shard", deepspeed={"zero_optimization": {"stage": 3}}))
+        engine_args(TrainConfig(fsdp="full_shard", deepspeed={"zero_optimization": {"stage": 3}}))
     with pytest.raises(KappaTuneError, match="fsdp-config"):
-        _engine_args(TrainConfig(fsdp="full_shard", fsdp_config=str(tmp_path / "missing.json")))
+        engine_args(TrainConfig(fsdp="full_shard", fsdp_config=str(tmp_path / "missing.json")))
 
 
 def test_fsdp2_two_cpu_processes_train_the_selection_like_one_process(tmp_path):
@@ -127,12 +128,12 @@ def test_fsdp2_two_cpu_processes_train_the_selection_like_one_process(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU-only machines")
 def test_cli_train_fsdp_on_cpu_is_refused_before_writing_anything(lm_folder, tmp_path):
-    from test_cli import _one_line_error, run
+    from conftest import one_line_error, run
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(8)))
     out = tmp_path / "out"
-    _one_line_error(run("train", str(lm_folder), "--data", str(data), "--fsdp", "full_shard auto_wrap",
+    one_line_error(run("train", str(lm_folder), "--data", str(data), "--fsdp", "full_shard auto_wrap",
                         "-o", str(out)), "FSDP", "GPU")
     assert not out.exists() or not any(out.iterdir())
 

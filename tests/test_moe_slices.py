@@ -66,13 +66,13 @@ def test_selection_from_disk_scan_applies_in_memory(tmp_path):
     rep = kappatune.scan(str(tmp_path / "m"), cache=False)  # unfused names on disk
     sel = kappatune.select(rep, count=2, groups=["expert"])
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # fused in memory
-    kappatune.apply(fresh, sel)
+    handle = kappatune.apply(fresh, sel)
     params = dict(fresh.named_parameters())
     for u in sel.units:
-        rows = fresh._kappatune_slice_rows[u["param"]]
-        per = params[u["param"]].shape[1]
-        r0, r1 = u["param_rows"]
-        want = set(range(u["expert"] * per + r0, u["expert"] * per + r1))
+        rows = handle.slice_rows[u.param]
+        per = params[u.param].shape[1]
+        r0, r1 = u.param_rows
+        want = set(range(u.expert * per + r0, u.expert * per + r1))
         assert want <= set(rows.tolist())
 
 
@@ -96,7 +96,7 @@ def test_slice_adamw_matches_torch_adamw_on_selected_rows():
 
 def test_slice_training_resumes_bit_exactly(tmp_path):
     from kappatune.errors import TrainingInterrupted
-    from test_train_eval import _StopAt
+    from conftest import InterruptAt
 
     rows = toy_rows(32)
     cfg = TrainConfig(method="kappatune", budget_params=1500, include=(r".*@.*",), max_steps=8, batch_size=4,
@@ -105,7 +105,7 @@ def test_slice_training_resumes_bit_exactly(tmp_path):
     train(m1, tok, rows, str(tmp_path / "a"), cfg)
     m2, tok = make_lm("olmoe")
     with pytest.raises(TrainingInterrupted):
-        train(m2, tok, rows, str(tmp_path / "b"), cfg, extra_callbacks=[_StopAt(3)])
+        train(m2, tok, rows, str(tmp_path / "b"), cfg, extra_callbacks=[InterruptAt(3)])
     m3, tok = make_lm("olmoe")
     train(m3, tok, rows, str(tmp_path / "b"), cfg)
     from safetensors.torch import load_file

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kappatune
-from kappatune.freeze import tensor_digest
+from kappatune.hashing import tensor_hash as tensor_digest
 from kappatune.multimodal import SpeechAdaptor, SpeechLLM, build_inputs, word_error_rates
 from conftest import make_lm
 
@@ -197,7 +197,7 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
 
     from transformers import WhisperModel
 
-    from test_cli import _one_line_error, run
+    from conftest import one_line_error, run
 
     enc_dir = tmp_path / "whisper"
     WhisperModel(_tiny_encoder().config).save_pretrained(enc_dir)
@@ -223,10 +223,10 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     assert ev["dppl"] == pytest.approx(res["final"]["dppl"], abs=1e-6)
     assert len(json.loads((tmp_path / "ev.json").read_text())["transcripts"]) == 2
     # bad input: one line, exit 2
-    _one_line_error(run("eval-speech", str(lm_folder), "--manifest", str(test)), "adaptor.json")
+    one_line_error(run("eval-speech", str(lm_folder), "--manifest", str(test)), "adaptor.json")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"audio": "missing.wav", "text": "x"}) + "\n")
-    _one_line_error(run("train-speech", str(lm_folder), "--manifest", str(bad), "-o", str(tmp_path / "o2")),
+    one_line_error(run("train-speech", str(lm_folder), "--manifest", str(bad), "-o", str(tmp_path / "o2")),
                     "does not exist")
 
 
@@ -270,7 +270,7 @@ def test_train_speech_cli_starts_every_selection_from_the_same_adaptor(tmp_path,
     from safetensors.torch import load_file
     from transformers import WhisperModel
 
-    from test_cli import run
+    from conftest import run
 
     enc_dir = tmp_path / "whisper"
     WhisperModel(_tiny_encoder().config).save_pretrained(enc_dir)
@@ -284,3 +284,21 @@ def test_train_speech_cli_starts_every_selection_from_the_same_adaptor(tmp_path,
         assert r.returncode == 0, r.stderr
         got[order] = load_file(str(out / "model" / "adaptor.safetensors"))
     assert all(torch.allclose(got["lowest"][k], got["random"][k], atol=1e-6) for k in got["lowest"])
+
+
+@pytest.mark.parametrize("order", ["lowest", "random-same-kind", "median"])
+def test_train_speech_picks_llm_tensors_through_the_method_registry(order):
+    """train-speech's LLM choice is the registered selective method's choice (a new order included), and
+    exactly those tensors are left trainable; budget 0 freezes the whole LLM."""
+    from kappatune.methods import METHODS
+    from kappatune.methods.selective import method_name, selection_for
+    from kappatune.multimodal.recipe import prepare_llm
+
+    llm, _ = make_lm()
+    assert method_name(order) in METHODS
+    sel = prepare_llm(llm, order, 3000, seed=1)
+    want = selection_for(kappatune.scan(llm, cache=False), order, budget_params=3000, seed=1)
+    assert sel.names == want.names and sel.total_params <= 3000
+    assert sorted(n for n, p in llm.named_parameters() if p.requires_grad) == sorted(want.names)
+    assert prepare_llm(llm, order, 0, seed=1) is None
+    assert not any(p.requires_grad for p in llm.parameters())

@@ -288,7 +288,7 @@ def test_fused_tensor_units_are_spread_over_workers_and_loaded_once(tmp_path, mo
     task per unit), while the tensor itself is read from disk exactly once."""
     import threading
 
-    from kappatune import scanner
+    from kappatune import scan_routes
     from kappatune.sources import ModuleSource
 
     model = make_model("olmoe")  # in memory, transformers 5 keeps each layer's experts in fused tensors
@@ -300,7 +300,7 @@ def test_fused_tensor_units_are_spread_over_workers_and_loaded_once(tmp_path, mo
         loads[key] = loads.get(key, 0) + 1
         return orig_load(self, key)
 
-    orig_unit_matrix = scanner.unit_matrix
+    orig_unit_matrix = scan_routes.unit_matrix
 
     def recording_unit_matrix(spec, tensor):
         import time
@@ -310,7 +310,7 @@ def test_fused_tensor_units_are_spread_over_workers_and_loaded_once(tmp_path, mo
         return orig_unit_matrix(spec, tensor)
 
     monkeypatch.setattr(ModuleSource, "load", counting_load)
-    monkeypatch.setattr(scanner, "unit_matrix", recording_unit_matrix)
+    monkeypatch.setattr(scan_routes, "unit_matrix", recording_unit_matrix)  # where the routes look it up
     rep = kappatune.scan(model, cache=False, workers=2)
     fused = [k for k in loads if "experts" in k]
     assert fused and all(n == 1 for n in loads.values()), loads
@@ -369,3 +369,92 @@ def test_device_option_errors():
     if not torch.cuda.is_available():
         with pytest.raises(kappatune.KappaTuneError, match="CUDA"):
             kappatune.scan(model, cache=False, device="cuda")
+
+
+def test_cache_never_serves_one_route_for_another(tmp_path):
+    """The spectrum cache key includes the route: a CPU-route spectrum is never returned for a device-route
+    scan of the same weights, nor the reverse; each route hits its own entries."""
+    model = make_model("llama")
+    cache = str(tmp_path / "spectra")
+    cpu = kappatune.scan(model, cache_dir=cache)
+    dev = kappatune.scan(model, cache_dir=cache, device="torch:cpu")
+    assert cpu.cache_hits == 0 and dev.cache_hits == 0
+    assert {u.method for u in dev.units} <= {"gram-eigh", "qr-svd"}  # computed by the device route
+    assert not {u.method for u in cpu.units} & {"qr-svd"}
+    again_dev = kappatune.scan(model, cache_dir=cache, device="torch:cpu")
+    again_cpu = kappatune.scan(model, cache_dir=cache)
+    assert again_dev.cache_hits == len(dev.units) and again_cpu.cache_hits == len(cpu.units)
+    assert [(u.kappa, u.method) for u in again_dev.units] == [(u.kappa, u.method) for u in dev.units]
+    assert [(u.kappa, u.method) for u in again_cpu.units] == [(u.kappa, u.method) for u in cpu.units]
+    exact = kappatune.scan(model, cache_dir=cache, exact=True)  # exact is part of the key too
+    assert exact.cache_hits == 0 and {u.method for u in exact.units} == {"svd"}
+
+
+def test_unit_result_takes_every_figure_from_its_spectrum():
+    """One field list: a report unit built from a UnitSpec and a Spectrum carries every figure of the
+    Spectrum that the report format has, and a failed unit carries NaN figures and the error."""
+    import dataclasses
+
+    from kappatune.report import UnitResult
+    from kappatune.spectral import Spectrum
+    from kappatune.units import UnitSpec
+
+    spec = UnitSpec(name="m.experts.gate_up_proj@1.up", param="m.experts.gate_up_proj", source="m.experts.gate_up_proj",
+                    layout="expert", kind="experts.up_proj", group="expert", layer=3, shape=(4, 8), expert=1,
+                    half="up", source_slice=(1, 4, 8), param_rows=(4, 8))
+    values = {f.name: float(i + 1) for i, f in enumerate(dataclasses.fields(Spectrum)) if f.type == "float"}
+    s = Spectrum(**values, status="ok", method="gram-eigh")
+    u = UnitResult.build(spec, "bfloat16", s, "abc")
+    report_fields = {f.name for f in dataclasses.fields(UnitResult)}
+    copied = [k for k in values if k in report_fields]
+    assert len(copied) == 7 and set(values) - set(copied) == {"frobenius_sq"}
+    assert all(getattr(u, k) == values[k] for k in copied)
+    assert (u.status, u.method, u.content_hash, u.dtype) == ("ok", "gram-eigh", "abc", "bfloat16")
+    assert (u.name, u.param, u.shape, u.numel, u.expert, u.half, u.param_rows, u.layer) == \
+        (spec.name, spec.param, (4, 8), 32, 1, "up", (4, 8), 3)
+    assert UnitResult.from_dict(u.to_dict()) == u
+    bad = UnitResult.build(spec, "float32", None, message="boom")
+    assert bad.status == "error" and bad.method == "none" and bad.message == "boom"
+    assert all(math.isnan(getattr(bad, k)) for k in copied)
+
+
+def test_tensor_hash_is_content_dtype_and_shape():
+    from kappatune.hashing import tensor_hash
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 4, generator=g)
+    assert tensor_hash(a.T) == tensor_hash(a.T.contiguous())  # a non-contiguous view hashes like its copy
+    assert tensor_hash(a) == tensor_hash(a.clone())
+    assert tensor_hash(a) != tensor_hash(a.reshape(4, 6))  # same bytes, other shape
+    assert tensor_hash(a) != tensor_hash(a.view(torch.int32))  # same bytes, other dtype
+    b = a.to(torch.bfloat16)
+    assert tensor_hash(b) == tensor_hash(b.clone()) != tensor_hash(b.to(torch.float16))
+    fused = torch.randn(3, 8, 4, generator=g)
+    assert tensor_hash(fused[1, 4:8]) == tensor_hash(fused[1, 4:8].clone())
+    assert len(tensor_hash(a)) == 32  # XXH3-128, hex
+
+
+def test_a_registered_source_is_opened_by_scan(tmp_path):
+    """A new kind of input needs only a Source and its registration: here a 'zoo:NAME' id resolved to an
+    in-memory model; its report equals the module's own."""
+    from kappatune import sources
+    from conftest import make_model
+
+    model = make_model("llama")
+
+    class ZooSource(sources.ModuleSource):
+        kind = "zoo"
+
+    def zoo(obj):
+        return ZooSource(model)
+
+    sources.register_source(lambda obj: isinstance(obj, str) and obj.startswith("zoo:"))(zoo)
+    try:
+        via_id = kappatune.scan("zoo:tiny-llama", cache=False)
+    finally:
+        sources.unregister_source(zoo)  # leave the registry as the other tests expect
+    direct = kappatune.scan(model, cache=False)
+    assert via_id.source["kind"] == "zoo"
+    assert [(u.name, u.kappa) for u in via_id.units] == [(u.name, u.kappa) for u in direct.units]
+    with pytest.raises(kappatune.KappaTuneError, match="no such file"):
+        kappatune.scan("zoo:tiny-llama", cache=False)

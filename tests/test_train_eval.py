@@ -1,19 +1,18 @@
 import json
 import math
 import os
-import signal
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 import kappatune
-from kappatune.freeze import tensor_digest
+from kappatune.hashing import tensor_hash as tensor_digest
 from kappatune.data import PromptTemplate, load_records, tokenize_examples
 from kappatune.errors import KappaTuneError
 from kappatune.evaluate import label_accuracy, perplexity
 from kappatune.train import METHODS, TrainConfig, TrainingInterrupted, train
-from conftest import make_lm, toy_rows
+from conftest import InterruptAt, make_lm, toy_rows
 
 
 def _digests(model):
@@ -66,15 +65,6 @@ def test_method_order_differs():
     assert {"kappatune", "highest-kappa", "random", "random-same-kind", "full", "lora", "kappatune-lora"} <= set(METHODS)
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
-
-
 def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path):
     rows = toy_rows(32)
     cfg = TrainConfig(method="kappatune", budget_params=3000, max_steps=8, batch_size=4, lr=5e-3,
@@ -83,7 +73,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path):
     train(m1, tok, rows, str(tmp_path / "a"), cfg)
     m2, tok = make_lm()
     with pytest.raises(TrainingInterrupted, match="rerun"):
-        train(m2, tok, rows, str(tmp_path / "b"), cfg, extra_callbacks=[_StopAt(3)])
+        train(m2, tok, rows, str(tmp_path / "b"), cfg, extra_callbacks=[InterruptAt(3)])
     assert not (tmp_path / "b" / "model").exists()  # no half-finished output
     ckpts = sorted(os.listdir(tmp_path / "b" / "checkpoints"))
     assert ckpts and ckpts[-1] in ("checkpoint-3", "checkpoint-4")  # saved right after the signal
@@ -197,3 +187,112 @@ def test_bad_data(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
     with pytest.raises(KappaTuneError, match=":2: not a JSON object"):
         load_records(str(tmp_path / "bad.jsonl"))
+
+
+class _MoveTensor(TrainerCallback):
+    """Sabotage: after each step, nudge one element of a named tensor (or of one of its rows)."""
+
+    def __init__(self, name, row=0):
+        self.name, self.row = name, row
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        with torch.no_grad():
+            dict(model.named_parameters())[self.name].view(-1, 1)[self.row] += 1.0
+
+
+def _trainer(model, tok, tmp_path, callbacks, optimizers=(None, None)):
+    from transformers import Trainer, TrainingArguments
+
+    from kappatune.data import PadCollator
+
+    ex = tokenize_examples(toy_rows(8), tok, PromptTemplate("Tweet: {text}\nSentiment: {label}", "label"),
+                           max_length=64)
+    args = TrainingArguments(output_dir=str(tmp_path / "ck"), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False)
+    return Trainer(model=model, args=args, train_dataset=ex, data_collator=PadCollator(tok.pad_token_id or 0),
+                   callbacks=callbacks, optimizers=optimizers)
+
+
+@pytest.mark.parametrize("sabotage", [False, True])
+def test_frozen_tensors_callback_with_your_own_trainer(sabotage, tmp_path):
+    """prepare + FrozenTensorsCallback in a user's Trainer: verified when nothing frozen moved; raises when one
+    frozen tensor is touched mid-training."""
+    from kappatune.integrations.trainer import FrozenTensorsCallback, prepare
+
+    model, tok = make_lm()
+    sel = kappatune.select(kappatune.scan(model, cache=False), budget_params=2000)
+    prepare(model, sel)
+    frozen = next(n for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2)
+    guard = FrozenTensorsCallback()
+    extra = [_MoveTensor(frozen)] if sabotage else []
+    trainer = _trainer(model, tok, tmp_path, [guard, *extra])
+    if sabotage:
+        with pytest.raises(KappaTuneError, match="frozen tensor"):
+            trainer.train()
+        assert guard.verified is False
+    else:
+        trainer.train()
+        assert guard.verified is True
+
+
+def test_frozen_tensors_callback_sees_unselected_expert_rows(tmp_path):
+    """A fused MoE parameter trained by slice: moving a row of an unselected expert is caught, although the
+    parameter as a whole requires grad (the callback reads the rows from apply's handle, not the model)."""
+    from kappatune.integrations.trainer import FrozenTensorsCallback, prepare
+    from kappatune.slices import build_optimizer
+
+    model, tok = make_lm("qwen2_moe")
+    sel = kappatune.select(kappatune.scan(model, cache=False), count=1, groups=["expert"])
+    handle = prepare(model, sel)
+    (name, rows), = handle.slice_rows.items()
+    outside = next(i for i in range(dict(model.named_parameters())[name].view(-1, 1).shape[0])
+                   if i // dict(model.named_parameters())[name].shape[-1] not in set(rows.tolist()))
+    guard = FrozenTensorsCallback()
+    opt = build_optimizer(model, sel, lr=1e-3)
+    trainer = _trainer(model, tok, tmp_path, [guard, _MoveTensor(name, outside)], optimizers=(opt, None))
+    with pytest.raises(KappaTuneError, match="frozen tensor"):
+        trainer.train()
+    assert guard.verified is False
+
+
+def test_kappa_monitor_follows_trained_tensors_against_an_independent_svd(tmp_path):
+    """kappa_monitor.json: the selected tensors at step 0, every 2 steps and at the end; the figures at step 0
+    match a float64 SVD of the original weights, and the last ones the saved model's weights."""
+    model, tok = make_lm()
+    orig = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(method="kappatune", budget_params=3000, max_steps=4, batch_size=4, lr=5e-2,
+                      progress=False, monitor_every=2)
+    res = train(model, tok, toy_rows(16), str(tmp_path / "o"), cfg)
+    mon = json.loads((tmp_path / "o" / "kappa_monitor.json").read_text())
+    sel = kappatune.Selection.load(str(tmp_path / "o" / "selection.json"))
+    assert [r["step"] for r in mon["records"]] == [0, 2, 4]
+    assert set(mon["records"][0]["tensors"]) == set(sel.names)
+    from transformers import AutoModelForCausalLM
+
+    final = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model").named_parameters())
+    for n in sel.names:
+        for rec, w in ((mon["records"][0], orig[n]), (mon["records"][-1], final[n].detach().double())):
+            s = torch.linalg.svdvals(w)
+            assert rec["tensors"][n]["kappa"] == pytest.approx(float(s[0] / s[-1]), rel=1e-6)
+    first, last = mon["records"][0]["tensors"], mon["records"][-1]["tensors"]
+    assert any(first[n]["kappa"] != last[n]["kappa"] for n in sel.names)  # lr 5e-2 moves the spectra
+    assert res.info["kappa_monitor"]["median_dlog10_kappa"] == pytest.approx(
+        sorted(mon["summary"]["tensors"][n]["dlog10_kappa"] for n in sel.names)[len(sel.names) // 2])
+
+
+def test_kappa_monitor_follows_the_merged_lora_weight(tmp_path):
+    """For LoRA the monitor follows W + scale * B A; at the end that is the saved (merged) weight."""
+    model, tok = make_lm()
+    cfg = TrainConfig(method="lora", budget_params=3000, max_steps=3, batch_size=4, lr=5e-2, progress=False,
+                      lora_targets=("q_proj", "v_proj"))
+    train(model, tok, toy_rows(16), str(tmp_path / "o"), cfg)
+    mon = json.loads((tmp_path / "o" / "kappa_monitor.json").read_text())
+    last = mon["records"][-1]["tensors"]
+    assert last and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in last)
+    from transformers import AutoModelForCausalLM
+
+    final = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model").named_parameters())
+    for n, fig in last.items():
+        s = torch.linalg.svdvals(final[n].detach().double())
+        assert fig["kappa"] == pytest.approx(float(s[0] / s[-1]), rel=1e-4)

@@ -26,6 +26,8 @@ _LAZY = {
     "Spectrum": ("spectral", "Spectrum"),
     "KappaTuneError": ("errors", "KappaTuneError"),
     "parse_size": ("policies", "parse_size"),
+    "SelectConfig": ("policies", "SelectConfig"),
+    "SelectedUnit": ("report", "SelectedUnit"),
 }
 
 __all__ = ["__version__", *_LAZY]

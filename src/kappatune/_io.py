@@ -47,6 +47,5 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def as_float(v: Any) -> float:
-    if isinstance(v, str):
-        return float(v)  # "inf", "-inf", "nan"
+    """A JSON value back as a float: numbers, and the strings "inf", "-inf", "nan" that ``dumps`` writes."""
     return float(v)

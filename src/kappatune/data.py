@@ -19,6 +19,7 @@ import string
 from dataclasses import dataclass
 
 from .errors import KappaTuneError
+from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,19 @@ def smollm2_gguf() -> str:
 
 
 def models_cache_dir() -> str:
-    return os.environ.get("KAPPATUNE_MODELS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kappatune", "models")
+    """Where converted built-in models live: $KAPPATUNE_MODELS_DIR or ~/.cache/kappatune/models."""
+    return cache_dir("models", "KAPPATUNE_MODELS_DIR")
+
+
+BUILTIN_MODELS = ("smollm2",)
+
+
+def resolve_model(spec: str) -> str:
+    """A model folder for ``spec``: 'smollm2' names the built-in SmolLM2-135M-Instruct (converted to an fp32
+    safetensors folder once, offline); anything else is taken as a folder path and returned unchanged."""
+    if spec == "smollm2":
+        return smollm2_fp32()
+    return spec
 
 
 def smollm2_fp32(progress: bool = True) -> str:
@@ -274,3 +286,28 @@ def news_text() -> str:
     path = os.path.join(d, "test", "test_data", "lee_background.cor")
     with open(path, encoding="utf-8", errors="replace") as f:
         return "\n\n".join(line.strip() for line in f if line.strip())
+
+
+CONTROL_TEXTS = ("wikipedia", "news")
+
+
+def control_text(spec: str | None) -> str | None:
+    """The control text (for forgetting) named by ``spec``: 'wikipedia' (gensim's Wikipedia sample), 'news'
+    (gensim's news stories, no overlap with that sample), a text file path, or None / '' / 'none' (no control)."""
+    if not spec or spec == "none":
+        return None
+    if spec == "wikipedia":
+        return wikipedia_text()
+    if spec == "news":
+        return news_text()
+    return read_text(spec)
+
+
+def parse_template(spec: str | None) -> str | None:
+    """A prompt template as typed on a command line: None (the default template), '' for 'none' (train on the
+    raw 'text' field), else the template with literal '\\n' turned into newlines."""
+    if spec is None:
+        return None
+    if spec.lower() == "none":
+        return ""
+    return spec.replace("\\n", "\n")

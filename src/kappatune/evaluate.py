@@ -206,3 +206,15 @@ def evaluate(model, tokenizer, *, control_text: str | None = None, task_test: li
             out["task_train_ppl"] = task_perplexity(model, tokenizer, task_train, template, batch_size=batch_size)
             out["generalisation_gap"] = out["task_test_ppl"]["ppl"] - out["task_train_ppl"]["ppl"]
     return out
+
+
+def control_forgetting(model, tokenizer, text: str, *, base=None, chunk_len: int = 256,
+                       max_chunks: int | None = 8, batch_size: int = 4) -> dict:
+    """Control perplexity of ``model`` on ``text``; with ``base`` (the model before training, same tokenizer)
+    also the base's perplexity on the very same chunks and the forgetting dPPL = PPL(model) - PPL(base)."""
+    chunks = control_chunks(tokenizer, text, chunk_len, max_chunks)
+    out = {"control_ppl": perplexity(model, tokenizer, chunks=chunks, batch_size=batch_size)["ppl"]}
+    if base is not None:
+        out["base_control_ppl"] = perplexity(base, tokenizer, chunks=chunks, batch_size=batch_size)["ppl"]
+        out["dppl"] = out["control_ppl"] - out["base_control_ppl"]
+    return out

@@ -1,20 +1,28 @@
 """apply(model, selection): freeze everything, unfreeze exactly the selected parameters, in one pass.
 
-Also: snapshots of frozen tensors (content hashes) to prove after training that they are bit-identical.
+``apply`` returns an ``AppliedSelection``: the trainable summary plus what training needs afterwards (the
+selected rows of fused MoE parameters and the gradient hooks that mask the others). The handle is kept in a
+registry owned by this module (``applied_to(model)``), never as attributes on the model.
+
+Also: content-hash snapshots of parameters, to prove after training that frozen tensors are bit-identical.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import KappaTuneError
+from .hashing import tensor_hash
 from .report import Selection
+from .sharding import is_sharded
 
 log = logging.getLogger(__name__)
+
+UNSELECTED = "@unselected"  # snapshot key suffix: the unselected rows of a fused parameter trained by slice
 
 
 @dataclass
@@ -36,26 +44,59 @@ class TrainableSummary:
                 "trainable_percent": self.trainable_percent, "trainable_names": list(self.trainable_names)}
 
 
+@dataclass
+class AppliedSelection(TrainableSummary):
+    """What ``apply`` did: the summary, and for fused-expert slices the selected rows and the gradient masks.
+
+    ``slice_rows``: {fused parameter name: row indices into p.view(-1, p.shape[-1]) that train}.
+    ``hooks``: gradient-mask handles; ``release()`` removes them (a later ``apply`` on the model does it too).
+    """
+
+    slice_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    hooks: list = field(default_factory=list, repr=False)
+
+    def release(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+# model -> its current AppliedSelection; weak keys, so a dropped model drops its entry
+_APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, AppliedSelection]" = weakref.WeakKeyDictionary()
+
+
+def applied_to(model: torch.nn.Module) -> AppliedSelection | None:
+    """The handle of the last ``apply`` on ``model`` that is still in force (None if none, or released)."""
+    return _APPLIED.get(model)
+
+
+def forget(model: torch.nn.Module) -> None:
+    """Remove ``model``'s gradient masks and registry entry (e.g. before saving a trained model)."""
+    old = _APPLIED.pop(model, None)
+    if old is not None:
+        old.release()
+
+
 def check_fingerprint(model: torch.nn.Module, selection: Selection) -> None:
     """Raise if the selection was made for a model with other unit names or shapes."""
-    from .scanner import model_structure_fingerprint
+    from .sources import model_structure_fingerprint
 
     fp, specs = model_structure_fingerprint(model, selection.scan_options)
     if fp == selection.structure_fingerprint:
         return
-    missing = [u["name"] for u in selection.units if u["name"] not in specs]
+    missing = [u.name for u in selection.units if u.name not in specs]
     detail = f"e.g. selected unit {missing[0]!r} does not exist in it" if missing else \
         "the unit names/shapes differ"
     raise KappaTuneError(f"selection does not match this model (fingerprint {selection.structure_fingerprint} vs "
                          f"{fp}; {detail}); pass check_fingerprint=False / --no-fingerprint-check to override")
 
 
-def apply(model: torch.nn.Module, selection: Selection, *, check: bool = True) -> TrainableSummary:
-    """Set ``requires_grad`` on exactly the selected parameters and nothing else; return a summary.
+def apply(model: torch.nn.Module, selection: Selection, *, check: bool = True) -> AppliedSelection:
+    """Set ``requires_grad`` on exactly the selected parameters and nothing else; return the handle.
 
     Slices of fused MoE parameters (unit names ``param@E...``): the fused parameter becomes trainable as a
-    whole, a gradient hook zeroes the rows of unselected slices, and ``model._kappatune_slice_rows`` records
-    the selected rows. Train such a model with ``kappatune.slices.build_optimizer`` (``kappatune train`` does):
+    whole, a gradient hook zeroes the rows of unselected slices, and the handle's ``slice_rows`` records the
+    selected rows. Train such a model with ``kappatune.slices.build_optimizer`` (``kappatune train`` does):
     a standard AdamW's decoupled weight decay would still move the unselected slices.
     """
     if not isinstance(selection, Selection):
@@ -63,42 +104,34 @@ def apply(model: torch.nn.Module, selection: Selection, *, check: bool = True) -
     if check:
         check_fingerprint(model, selection)
     params = dict(model.named_parameters())
-    wanted = {u["param"] for u in selection.units}
+    wanted = {u.param for u in selection.units}
     missing = sorted(wanted - params.keys())
     if missing:
         raise KappaTuneError(f"selected parameter {missing[0]!r} is not a parameter of this model "
                              f"({len(missing)} missing)")
-    for h in getattr(model, "_kappatune_hooks", []):  # a previous apply's gradient masks
-        h.remove()
-    rows: dict = {}
-    if selection.has_slices:
-        from .slices import install_grad_masks, slice_rows
-
-        rows = slice_rows(selection, params)
-        model._kappatune_hooks = install_grad_masks(params, rows)
-    else:
-        model._kappatune_hooks = []
-    model._kappatune_slice_rows = rows
-    trainable = 0
-    names = []
+    forget(model)  # a previous apply's gradient masks
+    rows, hooks = _slice_masks(selection, params)
+    trainable, names = 0, []
     for name, p in params.items():  # one pass; tied parameters appear once
         on = name in wanted
         p.requires_grad_(on)
         if on:
             trainable += p.numel() if name not in rows else int(rows[name].numel()) * p.shape[-1]
             names.append(name)
-    total = sum(p.numel() for p in params.values())
-    summary = TrainableSummary(trainable, total, names)
-    log.info("%s%s", summary, f" ({sum(len(r) for r in rows.values())} rows of {len(rows)} fused expert "
-                               f"parameters)" if rows else "")
-    return summary
+    handle = AppliedSelection(trainable, sum(p.numel() for p in params.values()), names, rows, hooks)
+    _APPLIED[model] = handle
+    log.info("%s%s", handle, f" ({sum(len(r) for r in rows.values())} rows of {len(rows)} fused expert "
+                              f"parameters)" if rows else "")
+    return handle
 
 
-def tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach().contiguous().cpu()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
+def _slice_masks(selection: Selection, params: dict) -> tuple[dict, list]:
+    if not selection.has_slices:
+        return {}, []
+    from .slices import install_grad_masks, slice_rows
+
+    rows = slice_rows(selection, params)
+    return rows, install_grad_masks(params, rows)
 
 
 def gathered(p: torch.Tensor) -> torch.Tensor:
@@ -117,39 +150,46 @@ def gathered(p: torch.Tensor) -> torch.Tensor:
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:
-    from .integrations.fsdp import is_sharded
-
     return any(is_sharded(p) for p in model.parameters())
 
 
 def param_digest(p: torch.Tensor) -> str:
-    return tensor_digest(gathered(p))
+    """Content hash of a parameter's full value (gathered first when sharded)."""
+    return tensor_hash(gathered(p))
 
 
-def snapshot(model: torch.nn.Module, only_frozen: bool = True) -> dict[str, str]:
-    """Content hashes of the frozen parameters (and of the unselected rows of fused parameters trained by
-    slice), to verify later that none moved. Keys of the latter end in ``@unselected``."""
+def _rows_of(model: torch.nn.Module, slice_rows: dict | None) -> dict:
+    if slice_rows is not None:
+        return slice_rows
+    handle = applied_to(model)
+    return handle.slice_rows if handle is not None else {}
+
+
+def snapshot(model: torch.nn.Module, only_frozen: bool = True, *, slice_rows: dict | None = None) -> dict[str, str]:
+    """Content hashes of the parameters (only the frozen ones by default) and of the unselected rows of fused
+    parameters trained by slice (keys ending in ``@unselected``), to verify later that none moved.
+    ``slice_rows`` defaults to those of the model's current ``apply``."""
     out = {n: param_digest(p) for n, p in model.named_parameters() if not (only_frozen and p.requires_grad)}
-    rows = getattr(model, "_kappatune_slice_rows", None)
-    if only_frozen and rows:
-        from .slices import slice_snapshot
-
-        out.update({f"{k}@unselected": v for k, v in slice_snapshot(model, rows).items()})
+    out.update(row_snapshot(model, _rows_of(model, slice_rows)))
     return out
 
 
-def changed(model: torch.nn.Module, snap: dict[str, str]) -> list[str]:
-    """Names in ``snap`` whose content differs now."""
-    params = dict(model.named_parameters())
-    rows = getattr(model, "_kappatune_slice_rows", None) or {}
-    now = {}
-    if any(k.endswith("@unselected") for k in snap):
-        from .slices import slice_snapshot
+def row_snapshot(model: torch.nn.Module, slice_rows: dict) -> dict[str, str]:
+    """Only the ``@unselected`` entries of ``snapshot``: hashes of the rows outside the selected slices."""
+    if not slice_rows:
+        return {}
+    from .slices import slice_snapshot
 
-        now = {f"{k}@unselected": v for k, v in slice_snapshot(model, rows).items()}
+    return {f"{k}{UNSELECTED}": v for k, v in slice_snapshot(model, slice_rows).items()}
+
+
+def changed(model: torch.nn.Module, snap: dict[str, str], *, slice_rows: dict | None = None) -> list[str]:
+    """Names in ``snap`` whose content differs now (``@unselected`` keys: rows outside the selected slices)."""
+    params = dict(model.named_parameters())
+    now = row_snapshot(model, _rows_of(model, slice_rows)) if any(k.endswith(UNSELECTED) for k in snap) else {}
     out = []
     for n, d in snap.items():
-        if n.endswith("@unselected"):
+        if n.endswith(UNSELECTED):
             if now.get(n) != d:
                 out.append(n)
         elif n in params and param_digest(params[n]) != d:

@@ -1,11 +1,12 @@
-"""PNG figures for compare (matplotlib, imported lazily; install the [plots] extra)."""
+"""PNG figures for compare (the forgetting lab) (matplotlib, imported lazily; install the [plots] extra)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
+
+from .report import KappaReport, Selection
 
 
 def _plt():
@@ -17,31 +18,91 @@ def _plt():
     return plt
 
 
-def plot_forgetting_vs_accuracy(out: dict, path: str) -> None:
+def plot_frontier(out: dict, control: str, path: str) -> None:
+    """Accuracy against forgetting for every sweep run (one line per method through its learning rates) and
+    each method's seeded mean with 95% intervals: the matched-performance view."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    methods = [a["method"] for a in out["aggregate"]]
-    cmap = plt.get_cmap("tab10")
-    for i, m in enumerate(methods):
-        rs = [r for r in out["runs"] if r["method"] == m]
-        ax.scatter([r["accuracy"] for r in rs], [r["forgetting_dppl"] for r in rs], color=cmap(i), alpha=0.35, s=18)
-        a = next(x for x in out["aggregate"] if x["method"] == m)
-        ax.errorbar(a["accuracy_mean"], a["forgetting_dppl_mean"], xerr=a["accuracy_std"],
-                    yerr=a["forgetting_dppl_std"], fmt="o", color=cmap(i), label=m, capsize=3)
+    fig, ax = plt.subplots(figsize=(6.8, 4.8))
+    cmap = plt.get_cmap("tab20")
+    key = f"forgetting_dnll[{control}]"
+    for i, (m, figs) in enumerate(out["per_method"].items()):
+        rs = sorted((r for r in out["sweep"] if r["method"] == m), key=lambda r: r["lr"])
+        ax.plot([r["accuracy"] for r in rs], [r[key] for r in rs], "-", color=cmap(i), alpha=0.45, lw=1)
+        ax.scatter([r["accuracy"] for r in rs], [r[key] for r in rs], color=cmap(i), s=14, alpha=0.6)
+        acc, fg = figs["accuracy"], figs[key]
+        err = (lambda iv: None if iv.get("low") is None else [[iv["mean"] - iv["low"]], [iv["high"] - iv["mean"]]])
+        ax.errorbar(acc["mean"], fg["mean"], xerr=err(acc), yerr=err(fg), fmt="o", color=cmap(i), label=m,
+                    capsize=3, ms=6)
     ax.axvline(out["base"]["accuracy"], color="grey", ls=":", lw=1, label="base accuracy")
     ax.set_xlabel("task accuracy (label-token logits)")
-    ax.set_ylabel("forgetting: control PPL - base PPL")
-    ax.set_title("forgetting against task accuracy (mean ± std over seeds)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"forgetting: per-token CE increase on {control}")
+    ax.set_title("frontier over the learning-rate sweep; chosen rate: mean, 95% CI")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_kappa_distribution(report: dict, selections: dict[str, list[str]], path: str) -> None:
+def plot_kappa_monitor(monitors: dict[str, dict], path: str) -> None:
+    """log10 kappa of every trained tensor before (x) and after (y) training, per method: points above the
+    diagonal were carved towards higher kappa."""
     plt = _plt()
-    units = [u for u in report["units"] if u["status"] == "ok"]
-    logk = {u["name"]: math.log10(float(u["kappa"])) for u in units}
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    cmap = plt.get_cmap("tab20")
+    lo, hi = math.inf, -math.inf
+    for i, (m, mon) in enumerate(monitors.items()):
+        rows = [r for r in mon.get("summary", {}).get("tensors", {}).values()
+                if r["kappa_before"] and r["kappa_after"] and r["kappa_before"] > 0 and r["kappa_after"] > 0]
+        xs = [math.log10(r["kappa_before"]) for r in rows]
+        ys = [math.log10(r["kappa_after"]) for r in rows]
+        if xs:
+            lo, hi = min(lo, *xs, *ys), max(hi, *xs, *ys)
+            ax.scatter(xs, ys, s=10, alpha=0.6, color=cmap(i), label=f"{m} ({len(xs)})")
+    if math.isfinite(lo):
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls=":")
+    ax.set_xlabel("log10 kappa before training")
+    ax.set_ylabel("log10 kappa after training")
+    ax.set_title("kappa monitor: trained tensors (LoRA: merged weight)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_lab(out: dict, folder: str) -> list[str]:
+    """The compare figures: frontier per control corpus, kappa monitor, kappa distribution and heatmap."""
+    import json
+
+    paths = []
+    for c in out["config"]["controls"]:
+        paths.append(os.path.join(folder, f"frontier_{_slug(c)}.png"))
+        plot_frontier(out, c, paths[-1])
+    monitors, sels = {}, {}
+    for m, lr in out["chosen_lr"].items():
+        run = os.path.join(folder, "runs", f"{m}-lr{lr:g}-seed0")
+        if os.path.exists(os.path.join(run, "kappa_monitor.json")):
+            with open(os.path.join(run, "kappa_monitor.json"), encoding="utf-8") as f:
+                monitors[m] = json.load(f)
+        if os.path.exists(os.path.join(run, "selection.json")):
+            sels[m] = Selection.load(os.path.join(run, "selection.json")).names
+    paths.append(os.path.join(folder, "kappa_monitor.png"))
+    plot_kappa_monitor(monitors, paths[-1])
+    report_path = os.path.join(folder, "report.json")
+    if os.path.exists(report_path):
+        report = KappaReport.load(report_path)
+        paths += [os.path.join(folder, "kappa_distribution.png"), os.path.join(folder, "kappa_heatmap.png")]
+        plot_kappa_distribution(report, sels, paths[-2])
+        plot_kappa_heatmap(report, paths[-1])
+    return paths
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in os.path.basename(name))
+
+
+def plot_kappa_distribution(report: KappaReport, selections: dict[str, list[str]], path: str) -> None:
+    plt = _plt()
+    logk = {u.name: math.log10(u.kappa) for u in report.units if u.status == "ok"}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.hist(list(logk.values()), bins=50, color="lightgrey", edgecolor="grey", label="all units")
     cmap = plt.get_cmap("tab10")
@@ -58,12 +119,12 @@ def plot_kappa_distribution(report: dict, selections: dict[str, list[str]], path
     plt.close(fig)
 
 
-def plot_kappa_heatmap(report: dict, path: str) -> None:
+def plot_kappa_heatmap(report: KappaReport, path: str) -> None:
     plt = _plt()
     cells: dict[tuple[int, str], list[float]] = {}
-    for u in report["units"]:
-        if u["status"] == "ok" and u.get("layer") is not None:
-            cells.setdefault((u["layer"], u["kind"]), []).append(math.log10(float(u["kappa"])))
+    for u in report.units:
+        if u.status == "ok" and u.layer is not None:
+            cells.setdefault((u.layer, u.kind), []).append(math.log10(u.kappa))
     if not cells:
         return
     layers = sorted({k[0] for k in cells})
@@ -83,20 +144,3 @@ def plot_kappa_heatmap(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def plot_compare(out: dict, report_path: str, folder: str) -> list[str]:
-    with open(report_path, encoding="utf-8") as f:
-        report = json.load(f)
-    sels = {}
-    for m in ("kappatune", "highest-kappa", "random-same-kind", "random"):
-        p = os.path.join(folder, "runs", f"{m}-seed0", "selection.json")
-        if os.path.exists(p):
-            with open(p, encoding="utf-8") as f:
-                sels[m] = [u["name"] for u in json.load(f)["units"]]
-    paths = [os.path.join(folder, n) for n in ("forgetting_vs_accuracy.png", "kappa_distribution.png",
-                                               "kappa_heatmap.png")]
-    plot_forgetting_vs_accuracy(out, paths[0])
-    plot_kappa_distribution(report, sels, paths[1])
-    plot_kappa_heatmap(report, paths[2])
-    return paths

@@ -6,19 +6,24 @@ All writes are atomic. Non-finite floats are stored as the strings "inf", "-inf"
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
 import statistics
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any
 
 from . import __version__
 from ._io import as_float, atomic_write_json, atomic_write_text, dumps
 from .errors import KappaTuneError
+from .units import structure_fingerprint  # noqa: F401 - defined with the unit naming; kept importable here
 
+#: The figures a report unit takes from its ``spectral.Spectrum`` (every Spectrum field but frobenius_sq, status
+#: and method): the one field list a UnitResult is built (``UnitResult.build``) and read back (``from_dict``) by.
 _FLOAT_FIELDS = ("sigma_max", "sigma_min", "kappa", "log_volume", "entropy", "entropy_max", "entropy_deficit")
+#: The fields a report unit takes from its ``units.UnitSpec``.
+_SPEC_FIELDS = ("name", "param", "source", "layout", "kind", "group", "layer", "shape", "numel", "expert", "half",
+                "param_rows")
 
 
 @dataclass
@@ -55,6 +60,23 @@ class UnitResult:
         return self.expert is not None
 
     @classmethod
+    def build(cls, spec, dtype: str, spectrum=None, content_hash: str = "", message: str = "") -> "UnitResult":
+        """A report unit from its ``UnitSpec`` and ``Spectrum``; ``spectrum=None``: the unit failed (status
+        "error", NaN figures, ``message`` says why)."""
+        kw = {k: getattr(spec, k) for k in _SPEC_FIELDS}
+        if spectrum is None:
+            kw.update(dict.fromkeys(_FLOAT_FIELDS, float("nan")), status="error", method="none")
+        else:
+            kw.update({k: getattr(spectrum, k) for k in _FLOAT_FIELDS}, status=spectrum.status,
+                      method=spectrum.method)
+        return cls(dtype=dtype, content_hash=content_hash, message=message, **kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
     def from_dict(cls, d: dict) -> "UnitResult":
         kw = {f.name: d.get(f.name) for f in fields(cls) if f.name in d}
         for k in _FLOAT_FIELDS:
@@ -63,14 +85,6 @@ class UnitResult:
         if kw.get("param_rows") is not None:
             kw["param_rows"] = tuple(kw["param_rows"])
         return cls(**kw)
-
-
-def structure_fingerprint(pairs: Iterable[tuple[str, tuple[int, int]]]) -> str:
-    """Hash of the unit names and matrix shapes: identifies the architecture a report/selection fits."""
-    h = hashlib.sha256()
-    for name, shape in sorted(pairs):
-        h.update(f"{name}|{shape[0]}x{shape[1]}\n".encode())
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -159,10 +173,64 @@ def _load_json(path: str, what: str) -> dict:
 
 
 @dataclass
+class SelectedUnit:
+    """One chosen unit: what ``apply`` and the exports need (the figures stay in the report).
+
+    ``param`` is the parameter the unit lives in; for a slice of a fused MoE parameter ``expert`` is its
+    expert index, ``half`` 'gate' / 'up' (or None) and ``param_rows`` its rows [r0, r1) within one expert.
+    """
+
+    name: str
+    param: str
+    kind: str
+    group: str
+    layer: int | None
+    layout: str
+    kappa: float
+    numel: int
+    shape: tuple[int, int]
+    expert: int | None = None
+    half: str | None = None
+    param_rows: tuple[int, int] | None = None
+
+    @property
+    def is_slice(self) -> bool:
+        return self.expert is not None
+
+    @property
+    def module(self) -> str | None:
+        """The module that holds this unit's weight (PEFT ``target_modules`` entry), or None for a bare
+        parameter (fused experts, any tensor that is not a module's ``.weight``)."""
+        if self.layout in _MODULE_LAYOUTS and self.param.endswith(".weight"):
+            return self.param[: -len(".weight")]
+        return None
+
+    @classmethod
+    def from_unit(cls, u: UnitResult) -> "SelectedUnit":
+        return cls(name=u.name, param=u.param, kind=u.kind, group=u.group, layer=u.layer, layout=u.layout,
+                   kappa=u.kappa, numel=u.numel, shape=tuple(u.shape), expert=u.expert, half=u.half,
+                   param_rows=tuple(u.param_rows) if u.param_rows else None)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SelectedUnit":
+        try:
+            return cls(name=d["name"], param=d["param"], kind=d["kind"], group=d.get("group", "other"),
+                       layer=d.get("layer"), layout=d.get("layout", ""), kappa=as_float(d["kappa"]),
+                       numel=int(d["numel"]), shape=tuple(d["shape"]), expert=d.get("expert"),
+                       half=d.get("half"),
+                       param_rows=tuple(d["param_rows"]) if d.get("param_rows") is not None else None)
+        except (KeyError, TypeError, ValueError) as e:
+            raise KappaTuneError(f"selection unit {d.get('name', d)!r} is incomplete or malformed ({e!r})") from None
+
+
+_MODULE_LAYOUTS = ("linear", "conv1d_hf", "conv", "embedding")
+
+
+@dataclass
 class Selection:
     """Units chosen by a policy, in selection order (lowest kappa first for the default policy)."""
 
-    units: list[dict]
+    units: list[SelectedUnit]
     policy: dict
     structure_fingerprint: str
     content_fingerprint: str
@@ -174,14 +242,14 @@ class Selection:
 
     @property
     def names(self) -> list[str]:
-        return [u["name"] for u in self.units]
+        return [u.name for u in self.units]
 
     @property
     def has_slices(self) -> bool:
-        return any(u.get("expert") is not None for u in self.units)
+        return any(u.is_slice for u in self.units)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(self)  # SelectedUnit -> dict with the field order of format kappatune.selection/1
         d["format"] = "kappatune.selection/1"
         return d
 
@@ -192,7 +260,7 @@ class Selection:
     def from_dict(cls, d: dict) -> "Selection":
         if d.get("format") != "kappatune.selection/1":
             raise KappaTuneError("not a kappatune selection (missing format 'kappatune.selection/1')")
-        units = [dict(u, kappa=as_float(u["kappa"])) for u in d["units"]]
+        units = [SelectedUnit.from_dict(u) for u in d["units"]]
         return cls(units=units, policy=d["policy"], structure_fingerprint=d["structure_fingerprint"],
                    content_fingerprint=d.get("content_fingerprint", ""), scan_options=d.get("scan_options", {}),
                    total_params=int(d.get("total_params", 0)), count=int(d.get("count", len(units))),
@@ -204,7 +272,7 @@ class Selection:
 
     # ---- exports --------------------------------------------------------------------------------
     def _refuse_slices(self, tool: str) -> None:
-        sl = [u["name"] for u in self.units if u.get("expert") is not None]
+        sl = [u.name for u in self.units if u.is_slice]
         if sl:
             raise KappaTuneError(
                 f"{tool} cannot act on one expert inside a fused parameter ({len(sl)} selected slice units, e.g. "
@@ -216,10 +284,10 @@ class Selection:
         self._refuse_slices("PEFT")
         mods, params = [], []
         for u in self.units:
-            if u.get("layout") in ("linear", "conv1d_hf", "conv", "embedding") and u["param"].endswith(".weight"):
-                mods.append(u["param"][: -len(".weight")])
+            if u.module is not None:
+                mods.append(u.module)
             else:
-                params.append(u["param"])
+                params.append(u.param)
         out: dict[str, Any] = {"target_modules": mods}
         if params:
             out["target_parameters"] = params
@@ -230,7 +298,7 @@ class Selection:
         import yaml
 
         self._refuse_slices("Axolotl")
-        pats = ["^" + re.escape(u["param"]) + "$" for u in self.units]
+        pats = ["^" + re.escape(u.param) + "$" for u in self.units]
         return yaml.safe_dump({"unfrozen_parameters": pats}, sort_keys=False, width=10_000)
 
     def to_csv(self) -> str:
@@ -238,7 +306,7 @@ class Selection:
         w = csv.writer(buf)
         w.writerow(["rank", "name", "param", "kind", "layer", "kappa", "numel"])
         for i, u in enumerate(self.units):
-            w.writerow([i + 1, u["name"], u["param"], u["kind"], u.get("layer"), repr(u["kappa"]), u["numel"]])
+            w.writerow([i + 1, u.name, u.param, u.kind, u.layer, repr(u.kappa), u.numel])
         return buf.getvalue()
 
 

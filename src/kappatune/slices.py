@@ -17,11 +17,11 @@ e*H .. e*H+H.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
+from .hashing import tensor_hash
 from .report import Selection
 
 
@@ -29,13 +29,13 @@ def slice_rows(selection: Selection, params: dict[str, torch.nn.Parameter]) -> d
     """{fused parameter name: sorted row indices (into p.view(-1, p.shape[-1])) of its selected slices}."""
     rows: dict[str, list[int]] = {}
     for u in selection.units:
-        if u.get("expert") is None:
+        if u.expert is None:
             continue
-        p = params[u["param"]]
+        p = params[u.param]
         per_expert = p.shape[1]
-        r0, r1 = u["param_rows"]
-        base = u["expert"] * per_expert
-        rows.setdefault(u["param"], []).extend(range(base + r0, base + r1))
+        r0, r1 = u.param_rows
+        base = u.expert * per_expert
+        rows.setdefault(u.param, []).extend(range(base + r0, base + r1))
     return {k: torch.tensor(sorted(set(v)), dtype=torch.long) for k, v in rows.items()}
 
 
@@ -110,7 +110,7 @@ def build_optimizer(model: torch.nn.Module, selection: Selection, *, lr: float, 
     params = dict(model.named_parameters())
     rows = slice_rows(selection, params)
     groups = []
-    for name in dict.fromkeys(u["param"] for u in selection.units):
+    for name in dict.fromkeys(u.param for u in selection.units):
         groups.append({"params": [params[name]], "rows": rows.get(name)})
     return SliceAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
@@ -129,8 +129,5 @@ def slice_snapshot(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> dic
         flat = p.reshape(-1, p.shape[-1])
         keep = torch.ones(flat.shape[0], dtype=torch.bool)
         keep[idx] = False
-        rest = flat[keep.to(flat.device)].contiguous().cpu()
-        h = hashlib.blake2b(digest_size=16)
-        h.update(memoryview(rest.reshape(-1).view(torch.uint8).numpy()))
-        out[name] = h.hexdigest()
+        out[name] = tensor_hash(flat[keep.to(flat.device)])
     return out

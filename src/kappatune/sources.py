@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .errors import KappaTuneError
-from .units import Entry
+from .sharding import is_sharded
+from .units import Entry, UnitSpec, plan_units, structure_fingerprint
 
 
 class Source:
@@ -48,8 +49,6 @@ class ModuleSource(Source):
                 owners[f"{mod_name}.{p_name}" if mod_name else p_name] = type(mod).__name__
         self._params = dict(model.named_parameters())  # tied parameters appear once
         self._owners = owners
-        from .integrations.fsdp import is_sharded
-
         for n, p in self._params.items():
             if is_sharded(p):
                 raise KappaTuneError(f"parameter {n} is sharded (FSDP / DeepSpeed ZeRO-3): scan the model before "
@@ -293,29 +292,72 @@ class GGUFSource(Source):
         return {"kind": self.kind, "path": os.path.abspath(self.path), "model_type": self.model_type}
 
 
+# (matches(obj) -> bool, factory(obj) -> Source), tried in order by open_source
+_OPENERS: list[tuple[Callable[[Any], bool], Callable[[Any], Source]]] = []
+
+
+def register_source(matches: Callable[[Any], bool]):
+    """Decorator for a ``Source`` subclass (or any factory): ``open_source(obj)`` builds it when
+    ``matches(obj)`` is true. Sources are tried in registration order, so the built-in ones (module, GGUF,
+    safetensors; they only claim modules and existing paths) come first and a new kind of input (a hub id, a
+    new file format) needs only its class and this line."""
+    def deco(factory):
+        _OPENERS.append((matches, factory))
+        return factory
+    return deco
+
+
+def unregister_source(factory) -> None:
+    """Remove a source registered with ``register_source`` (tests, plugins that unload)."""
+    _OPENERS[:] = [(m, f) for m, f in _OPENERS if f is not factory]
+
+
+def _path(obj) -> str | None:
+    return os.fspath(obj) if isinstance(obj, (str, os.PathLike)) else None
+
+
+def _is_gguf(obj) -> bool:
+    path = _path(obj)
+    if path is None or not os.path.exists(path):
+        return False
+    if os.path.isdir(path):
+        files = os.listdir(path)
+        return not any(f.endswith(".safetensors") for f in files) and sum(f.endswith(".gguf") for f in files) == 1
+    if path.endswith(".gguf"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _gguf_source(obj) -> Source:
+    path = _path(obj)
+    if os.path.isdir(path):
+        path = os.path.join(path, next(f for f in os.listdir(path) if f.endswith(".gguf")))
+    return GGUFSource(path)
+
+
+register_source(lambda obj: isinstance(obj, torch.nn.Module))(ModuleSource)
+register_source(_is_gguf)(_gguf_source)
+register_source(lambda obj: _path(obj) is not None and os.path.exists(_path(obj)))(
+    lambda obj: SafetensorsSource(_path(obj)))
+
+
 def open_source(obj) -> Source:
-    """An nn.Module, or a path to a .safetensors file, a model folder, or a .gguf file."""
+    """An nn.Module, or a path to a .safetensors file, a model folder, or a .gguf file (or whatever else a
+    registered source claims)."""
     if isinstance(obj, Source):
         return obj
-    if isinstance(obj, torch.nn.Module):
-        return ModuleSource(obj)
-    if isinstance(obj, (str, os.PathLike)):
-        path = os.fspath(obj)
-        if not os.path.exists(path):
-            raise KappaTuneError(f"{path}: no such file or folder")
-        if os.path.isdir(path):
-            ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
-            has_st = any(f.endswith(".safetensors") for f in os.listdir(path))
-            if not has_st and len(ggufs) == 1:
-                return GGUFSource(os.path.join(path, ggufs[0]))
-            return SafetensorsSource(path)
-        if path.endswith(".gguf"):
-            return GGUFSource(path)
-        if path.endswith(".safetensors"):
-            return SafetensorsSource(path)
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic == b"GGUF":
-            return GGUFSource(path)
-        return SafetensorsSource(path)
+    for matches, factory in _OPENERS:
+        if matches(obj):
+            return factory(obj)
+    if _path(obj) is not None:
+        raise KappaTuneError(f"{_path(obj)}: no such file or folder")
     raise KappaTuneError(f"cannot scan an object of type {type(obj).__name__}: pass an nn.Module or a path")
+
+
+def model_structure_fingerprint(model: torch.nn.Module, options: dict) -> tuple[str, dict[str, UnitSpec]]:
+    """The structure fingerprint a scan of ``model`` with ``options`` would have (no SVD), and its units."""
+    src = open_source(model)
+    plan = plan_units(src.entries(), model_type=src.model_type, embeddings=bool(options.get("embeddings")),
+                      include_routers=bool(options.get("include_routers")))
+    return structure_fingerprint((u.name, u.shape) for u in plan.units), {u.name: u for u in plan.units}

@@ -24,7 +24,10 @@ both scans of one model give the same names and the same kappas.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 #: Default parameter names that hold fused experts, first dimension = expert.
@@ -194,73 +197,93 @@ def plan_units(entries: list[Entry], *, model_type: str | None = None, embedding
         reason = _skip_reason(e, embeddings, include_routers)
         if reason is not None:
             plan.skipped.append(Skipped(e.source, tuple(e.shape), reason))
-            continue
-        name = e.source
-        shape = tuple(e.shape)
-        # --- fused experts held as one 3-D parameter (in memory, or fused on disk) ---
-        last = name.rsplit(".", 1)[-1]
-        if len(shape) == 3 and ".experts." in f".{name}" and last in (FUSED_GATE_UP, FUSED_DOWN, FUSED_GATE, FUSED_UP):
-            n_exp, rows, cols = shape
-            if last == FUSED_GATE_UP and _expert_pair_layout(by_name, name) == "standard":
-                half_rows = rows // 2
-                for x in range(n_exp):
-                    for half, (r0, r1) in (("gate", (0, half_rows)), ("up", (half_rows, rows))):
-                        plan.units.append(UnitSpec(
-                            name=slice_name(name, x, half), param=name, source=name, layout="expert",
-                            kind=f"experts.{half}_proj", group="expert", layer=layer_index(name),
-                            shape=(r1 - r0, cols), expert=x, half=half, source_slice=(x, r0, r1),
-                            param_rows=(r0, r1)))
-            else:
-                kind = {FUSED_GATE_UP: "gate_up_proj"}.get(last, last)
-                for x in range(n_exp):
-                    plan.units.append(UnitSpec(
-                        name=slice_name(name, x, None), param=name, source=name, layout="expert",
-                        kind=f"experts.{kind}", group="expert", layer=layer_index(name), shape=(rows, cols),
-                        expert=x, half=None, source_slice=(x, 0, rows), param_rows=(0, rows)))
-            continue
-        # --- unfused expert on disk -> the in-memory fused slice it becomes on load ---
-        m = _UNFUSED_EXPERT_RE.match(name) if len(shape) == 2 else None
-        if m is not None:
-            pre = re.sub(r"\.block_sparse_moe$", ".mlp", m.group("pre"))
-            proj = _PROJ_CANON.get(m.group("proj"), m.group("proj"))
-            x = int(m.group("e"))
-            if proj == "down_proj":
-                param, half, rows = f"{pre}.experts.{FUSED_DOWN}", None, (0, shape[0])
-            else:
-                half = proj[: -len("_proj")]
-                gate_key = next((k for k in (f"{m.group('pre')}.experts.{x}.gate_proj.weight",
-                                             f"{m.group('pre')}.experts.{x}.w1.weight") if k in by_name), None)
-                i_rows = by_name[gate_key].shape[0] if gate_key else shape[0]
-                param = f"{pre}.experts.{FUSED_GATE_UP}"
-                rows = (0, i_rows) if half == "gate" else (i_rows, i_rows + shape[0])
-            plan.units.append(UnitSpec(
-                name=slice_name(param, x, half), param=param, source=name, layout="expert",
-                kind=f"experts.{proj}", group="expert", layer=layer_index(name), shape=(shape[0], shape[1]),
-                expert=x, half=half, source_slice=None, param_rows=rows))
-            continue
-        # --- plain units ---
-        owner = e.owner or ""
-        param = name
-        kind = _kind(name)
-        if "Embedding" in owner or ((not owner) and (_EMBED_RE.search(name) or _HEAD_RE.search(name))) or \
-                (_HEAD_RE.search(name) and "lm_head" in name):
-            layout, mat = "embedding", (shape[0], _prod(shape[1:]))
-        elif owner == "Conv1D" or (not owner and conv1d_family and len(shape) == 2 and _CONV1D_HF_NAMES.search(name)):
-            layout, mat = "conv1d_hf", (shape[1], shape[0])  # stored (in, out): report (out, in)
-        elif len(shape) >= 3:
-            layout, mat = "conv", (shape[0], _prod(shape[1:]))  # (d_out, d_in * k...)
+        elif _is_fused_experts(e):
+            plan.units += _fused_expert_units(e, by_name)
+        elif len(e.shape) == 2 and _UNFUSED_EXPERT_RE.match(e.source):
+            plan.units.append(_unfused_expert_unit(e, by_name))
         else:
-            layout, mat = "linear", (shape[0], shape[1])
-        plan.units.append(UnitSpec(name=name, param=param, source=name, layout=layout, kind=kind,
-                                   group=_group(name, kind, layout), layer=layer_index(name), shape=mat))
+            plan.units.append(_plain_unit(e, conv1d_family))
     return plan
 
 
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out
+def _is_fused_experts(e: Entry) -> bool:
+    """Fused experts held as one 3-D parameter (in memory, or fused on disk), first dimension = expert."""
+    last = e.source.rsplit(".", 1)[-1]
+    return len(e.shape) == 3 and ".experts." in f".{e.source}" and \
+        last in (FUSED_GATE_UP, FUSED_DOWN, FUSED_GATE, FUSED_UP)
+
+
+def _fused_expert_units(e: Entry, by_name: dict[str, Entry]) -> list[UnitSpec]:
+    """One unit per expert of an (E, rows, cols) tensor; a standard gate_up_proj gives two, gate and up."""
+    name = e.source
+    n_exp, rows, cols = e.shape
+    last = name.rsplit(".", 1)[-1]
+    if last == FUSED_GATE_UP and _expert_pair_layout(by_name, name) == "standard":
+        half_rows = rows // 2
+        return [UnitSpec(name=slice_name(name, x, half), param=name, source=name, layout="expert",
+                         kind=f"experts.{half}_proj", group="expert", layer=layer_index(name),
+                         shape=(r1 - r0, cols), expert=x, half=half, source_slice=(x, r0, r1), param_rows=(r0, r1))
+                for x in range(n_exp) for half, (r0, r1) in (("gate", (0, half_rows)), ("up", (half_rows, rows)))]
+    kind = {FUSED_GATE_UP: "gate_up_proj"}.get(last, last)
+    return [UnitSpec(name=slice_name(name, x, None), param=name, source=name, layout="expert",
+                     kind=f"experts.{kind}", group="expert", layer=layer_index(name), shape=(rows, cols),
+                     expert=x, half=None, source_slice=(x, 0, rows), param_rows=(0, rows))
+            for x in range(n_exp)]
+
+
+def _unfused_expert_unit(e: Entry, by_name: dict[str, Entry]) -> UnitSpec:
+    """An unfused expert matrix on disk, named by the in-memory fused slice it becomes on load."""
+    name, shape = e.source, tuple(e.shape)
+    m = _UNFUSED_EXPERT_RE.match(name)
+    pre = re.sub(r"\.block_sparse_moe$", ".mlp", m.group("pre"))
+    proj = _PROJ_CANON.get(m.group("proj"), m.group("proj"))
+    x = int(m.group("e"))
+    if proj == "down_proj":
+        param, half, rows = f"{pre}.experts.{FUSED_DOWN}", None, (0, shape[0])
+    else:
+        half = proj[: -len("_proj")]
+        gate_key = next((k for k in (f"{m.group('pre')}.experts.{x}.gate_proj.weight",
+                                     f"{m.group('pre')}.experts.{x}.w1.weight") if k in by_name), None)
+        i_rows = by_name[gate_key].shape[0] if gate_key else shape[0]
+        param = f"{pre}.experts.{FUSED_GATE_UP}"
+        rows = (0, i_rows) if half == "gate" else (i_rows, i_rows + shape[0])
+    return UnitSpec(name=slice_name(param, x, half), param=param, source=name, layout="expert",
+                    kind=f"experts.{proj}", group="expert", layer=layer_index(name), shape=(shape[0], shape[1]),
+                    expert=x, half=half, source_slice=None, param_rows=rows)
+
+
+def _plain_unit(e: Entry, conv1d_family: bool) -> UnitSpec:
+    """A Linear-like, HF Conv1D, ConvNd or embedding weight: one unit, named by its parameter."""
+    name, shape, owner = e.source, tuple(e.shape), e.owner or ""
+    kind = _kind(name)
+    if "Embedding" in owner or ((not owner) and (_EMBED_RE.search(name) or _HEAD_RE.search(name))) or \
+            (_HEAD_RE.search(name) and "lm_head" in name):
+        layout, mat = "embedding", (shape[0], math.prod(shape[1:]))
+    elif owner == "Conv1D" or (not owner and conv1d_family and len(shape) == 2 and _CONV1D_HF_NAMES.search(name)):
+        layout, mat = "conv1d_hf", (shape[1], shape[0])  # stored (in, out): report (out, in)
+    elif len(shape) >= 3:
+        layout, mat = "conv", (shape[0], math.prod(shape[1:]))  # (d_out, d_in * k...)
+    else:
+        layout, mat = "linear", (shape[0], shape[1])
+    return UnitSpec(name=name, param=name, source=name, layout=layout, kind=kind,
+                    group=_group(name, kind, layout), layer=layer_index(name), shape=mat)
+
+
+def structure_fingerprint(pairs: Iterable[tuple[str, tuple[int, int]]]) -> str:
+    """Hash of the unit names and matrix shapes: identifies the architecture a report/selection fits."""
+    h = hashlib.sha256()
+    for name, shape in sorted(pairs):
+        h.update(f"{name}|{shape[0]}x{shape[1]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def raw_unit(spec: UnitSpec, tensor):
+    """The unit's values in the layout they are stored in (no transpose, no reshape): what its content hash
+    is taken of, the same on disk and in memory."""
+    if spec.source_slice is not None:
+        x, r0, r1 = spec.source_slice
+        return tensor[x, r0:r1]
+    return tensor
 
 
 def unit_matrix(spec: UnitSpec, tensor):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KappaTuneError
+from ..sharding import is_sharded  # noqa: F401 - re-exported: kappatune.integrations.fsdp.is_sharded
 
 
 def _layer_classes(model) -> tuple[type, ...]:
@@ -44,7 +45,10 @@ def shard(model: torch.nn.Module, *, mesh=None, layer_classes: tuple[type, ...] 
 
     if not (dist.is_available() and dist.is_initialized()):
         raise KappaTuneError("FSDP needs a process group: launch with torchrun / accelerate launch")
-    if getattr(model, "_kappatune_slice_rows", None):
+    from ..freeze import applied_to
+
+    handle = applied_to(model)
+    if handle is not None and handle.slice_rows:
         raise KappaTuneError("this selection trains single experts inside fused MoE tensors; under FSDP leave "
                              "them out (select(..., exclude=['.*@.*']))")
     if mesh is None:
@@ -55,14 +59,17 @@ def shard(model: torch.nn.Module, *, mesh=None, layer_classes: tuple[type, ...] 
     classes = layer_classes or _layer_classes(model)
     if not classes:
         raise KappaTuneError(f"{type(model).__name__}: no decoder layer class to shard (pass layer_classes=...)")
-    n = 0
-    for m in list(model.modules()):
-        if isinstance(m, classes):
-            fully_shard(m, mesh=mesh, reshard_after_forward=reshard_after_forward)
-            n += 1
+    for m in [m for m in model.modules() if isinstance(m, classes)]:
+        fully_shard(m, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    model._kappatune_fsdp_units = n
     return model
+
+
+def sharded_units(model: torch.nn.Module) -> int:
+    """How many sub-modules (the root excluded) ``shard`` made FSDP units of."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sum(isinstance(m, FSDPModule) for m in model.modules() if m is not model)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -75,15 +82,3 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             t = t.full_tensor()
         out[name] = t.detach().cpu().clone()
     return out
-
-
-def is_sharded(param: torch.Tensor) -> bool:
-    """True for parameters that hold only a shard: FSDP2 DTensors, FSDP1 flat parameters, DeepSpeed ZeRO-3."""
-    try:
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(param, DTensor):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return bool(getattr(param, "_is_flat_param", False) or hasattr(param, "ds_id"))

@@ -17,6 +17,11 @@ from ..policies import select
 log = logging.getLogger(__name__)
 
 
+def match_rank(per_rank: int, budget: int) -> int:
+    """LoRA rank whose parameter count (rank * per_rank) is closest to the budget (at least 1)."""
+    return max(1, int(round(budget / per_rank)))
+
+
 def kappatune_lora_config(report: KappaReport, *, budget_params: int, count: int | None = None,
                           top_p: float = 0.2, alpha_ratio: float = 2.0, dropout: float = 0.0,
                           fine_match: bool = True):
@@ -27,8 +32,6 @@ def kappatune_lora_config(report: KappaReport, *, budget_params: int, count: int
         from peft import LoraConfig
     except ImportError:
         raise KappaTuneError("KappaTune-LoRA needs PEFT: pip install 'kappatune[peft]'") from None
-    from ..train import match_rank
-
     slices = [u for u in report.units if u.is_slice]
     candidates_exclude = [".*@.*"] if slices else None
     if slices:
@@ -38,11 +41,11 @@ def kappatune_lora_config(report: KappaReport, *, budget_params: int, count: int
                     len(slices))
     sel = select(report, count=count, top_p=None if count else top_p, exclude=candidates_exclude,
                  groups=None)
-    mods = [u for u in sel.units if u["layout"] in ("linear", "conv1d_hf")]
+    mods = [u for u in sel.units if u.layout in ("linear", "conv1d_hf")]
     if not mods:
         raise KappaTuneError("no Linear module among the lowest-kappa units")
-    per_rank = sum(u["shape"][0] + u["shape"][1] for u in mods)
-    names = [u["param"][: -len(".weight")] for u in mods]
+    per_rank = sum(u.shape[0] + u.shape[1] for u in mods)
+    names = [u.param[: -len(".weight")] for u in mods]
     r = match_rank(per_rank, budget_params)
     expected = r * per_rank
     rank_pattern = {}
@@ -53,7 +56,7 @@ def kappatune_lora_config(report: KappaReport, *, budget_params: int, count: int
         r = budget_params // per_rank
         expected = r * per_rank
         for u, name in zip(mods, names):
-            step = u["shape"][0] + u["shape"][1]
+            step = u.shape[0] + u.shape[1]
             if abs(budget_params - (expected + step)) < abs(budget_params - expected):
                 rank_pattern[f"^{re.escape(name)}$"] = r + 1
                 expected += step
@@ -63,25 +66,3 @@ def kappatune_lora_config(report: KappaReport, *, budget_params: int, count: int
     info = {"rank": r, "modules": len(names), "target_modules": names, "expected_params": expected,
             "rank_pattern": rank_pattern, "skipped_expert_slices": len(slices)}
     return cfg, info
-
-
-def kappatune_lora_model(model, report: KappaReport, cfg):
-    """The ``kappatune-lora`` training method: wrap ``model`` with PEFT per ``kappatune_lora_config``."""
-    from peft import get_peft_model
-
-    from ..freeze import TrainableSummary
-    from ..train import Prepared
-
-    if cfg.budget_params is None:
-        raise KappaTuneError("kappatune-lora needs budget_params")
-    lcfg, info = kappatune_lora_config(report, budget_params=cfg.budget_params, count=cfg.lora_count,
-                                       alpha_ratio=cfg.lora_alpha_ratio, dropout=cfg.lora_dropout)
-    if cfg.lora_rank:
-        lcfg.r, lcfg.lora_alpha = cfg.lora_rank, cfg.lora_alpha_ratio * cfg.lora_rank
-        info["rank"] = cfg.lora_rank
-    pm = get_peft_model(model, lcfg)
-    tr = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in pm.parameters())
-    info["trainable_params"] = tr
-    return Prepared(pm, TrainableSummary(tr, total, [n for n, p in pm.named_parameters() if p.requires_grad]), None,
-                    info, is_peft=True)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 import wave
 from dataclasses import asdict, dataclass
@@ -77,16 +76,17 @@ def features(paths: list[str], extractor, n_frames: int):
 # ------------------------------------------------------------------------------------------------ encoder cache
 def frames_cache_dir() -> str:
     """Where encoder frames are cached: $KAPPATUNE_SPEECH_CACHE_DIR or ~/.cache/kappatune/speech-frames."""
-    return os.environ.get("KAPPATUNE_SPEECH_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kappatune",
-        "speech-frames")
+    from ..paths import cache_dir
+
+    return cache_dir("speech-frames", "KAPPATUNE_SPEECH_CACHE_DIR")
 
 
 def _encoder_digest(encoder) -> str:
+    from ..hashing import tensor_hash
+
     h = hashlib.sha256()
     for n, t in sorted(encoder.state_dict().items()):
-        h.update(n.encode())
-        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(f"{n}={tensor_hash(t)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -242,7 +242,7 @@ def load_speech_weights(model, folder: str) -> None:
     """Load a checkpoint's adaptor and LLM weights into an existing SpeechLLM (strict)."""
     from safetensors.torch import load_file
 
-    from ..train import _load_checkpoint_weights
+    from ..checkpoints import load_checkpoint_weights
 
     path = os.path.join(folder, ADAPTOR_WEIGHTS)
     if not os.path.exists(path):
@@ -250,13 +250,13 @@ def load_speech_weights(model, folder: str) -> None:
     missing, unexpected = model.adaptor.load_state_dict(load_file(path), strict=False)
     if missing or unexpected:
         raise KappaTuneError(f"{path} does not fit this adaptor (missing {missing[:2]}, unexpected {unexpected[:2]})")
-    _load_checkpoint_weights(model.llm, os.path.join(folder, "llm"))
+    load_checkpoint_weights(model.llm, os.path.join(folder, "llm"))
 
 
 def load_speech_model(folder: str, encoder):
     """A SpeechLLM and its tokenizer from a folder written by ``save_speech_model`` (a run's ``model/`` or
     one of its checkpoints) and a frozen encoder."""
-    from ..train import load_model
+    from ..models import load_model
     from .model import SpeechLLM
 
     cfg_path = os.path.join(folder, ADAPTOR_CONFIG)
@@ -312,70 +312,110 @@ def measure(model, tok, test_frames, test_refs, control, base_ppl, cfg: SpeechTr
     return rec
 
 
-def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg: SpeechTrainConfig,
-                 n_frames: int, *, control_text: str | None = None, cache_dir: str | None = None,
-                 meta: dict | None = None) -> dict:
-    """Train ``model`` (a SpeechLLM whose LLM already has a selection applied) and write ``out_dir``."""
-    from transformers import TrainingArguments, set_seed
+@dataclass
+class _SpeechData:
+    """Everything the training loop and its evaluations read, prepared once before the first step."""
 
+    train_frames: list
+    text_ids: list
+    test_frames: list
+    test_refs: list
+    eval_count: int              # the first N test clips are evaluated during training (all at the end)
+    control: list | None         # tokenised control chunks for the LLM's perplexity
+    base_ppl: float | None
+
+
+def _prepare_data(model, tok, extractor, train_rows, test_rows, cfg: SpeechTrainConfig, n_frames: int,
+                  control_text: str | None, cache_dir: str | None) -> _SpeechData:
     from ..evaluate import control_chunks, perplexity
-    from ..freeze import tensor_digest
-    from ..integrations.trainer import FrozenTensorsCallback, GracefulStopCallback
-    from ..train import _replace_dir, last_good_checkpoint
-
-    if not train_rows:
-        raise KappaTuneError("the training manifest is empty")
-    set_seed(cfg.seed)
-    model.bos_id, model.eos_id = tok.bos_token_id, tok.eos_token_id
-    if model.bos_id is None or model.eos_id is None:
-        raise KappaTuneError("the tokenizer needs BOS and EOS tokens")
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    before = {n: tensor_digest(p) for n, p in model.named_parameters()}
-    selected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if getattr(model.llm, "_kappatune_slice_rows", None):
-        raise KappaTuneError("train-speech does not train single experts inside fused MoE tensors yet; "
-                             "select whole tensors (kappatune select --no-slices) for a MoE LLM")
 
     train_frames = encode_clips(model, extractor, train_rows, n_frames, cache_dir=cache_dir)
-    test_sub = test_rows[: cfg.eval_limit] if cfg.eval_limit else test_rows
     test_frames = encode_clips(model, extractor, test_rows, n_frames, cache_dir=cache_dir) if test_rows else []
-    test_refs = [r["text"] for r in test_rows]
     control = control_chunks(tok, control_text, 256, cfg.control_chunks) if control_text else None
     base_ppl = perplexity(model.llm, tok, chunks=control)["ppl"] if control else None
     text_ids = [tok(r["text"], add_special_tokens=False)["input_ids"] for r in train_rows]
-
-    llm_params = [p for p in model.llm.parameters() if p.requires_grad]
-    ad_params = [p for p in model.adaptor.parameters() if p.requires_grad]
-    groups = [{"params": ad_params, "lr": cfg.adaptor_lr or cfg.lr}]
-    if llm_params:
-        groups.append({"params": llm_params, "lr": cfg.lr})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
+    if torch.cuda.is_available():
         model.to("cuda")
         train_frames = [f.to("cuda") for f in train_frames]
         test_frames = [f.to("cuda") for f in test_frames]
-    args = TrainingArguments(
+    n_eval = min(cfg.eval_limit, len(test_rows)) if cfg.eval_limit else len(test_rows)
+    return _SpeechData(train_frames, text_ids, test_frames, [r["text"] for r in test_rows], n_eval, control,
+                       base_ppl)
+
+
+def _optimizer(model, cfg: SpeechTrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the adaptor (its own learning rate) and the selected LLM tensors."""
+    llm_params = [p for p in model.llm.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in model.adaptor.parameters() if p.requires_grad], "lr": cfg.adaptor_lr or cfg.lr}]
+    if llm_params:
+        groups.append({"params": llm_params, "lr": cfg.lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _speech_args(cfg: SpeechTrainConfig, ckpt_dir: str):
+    from transformers import TrainingArguments
+
+    from ..engines import world_size
+
+    use_cuda = torch.cuda.is_available()
+    return TrainingArguments(
         output_dir=ckpt_dir, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
         report_to=[], use_cpu=not use_cuda, disable_tqdm=not cfg.progress, remove_unused_columns=False,
         dataloader_num_workers=0, dataloader_pin_memory=False,
-        ddp_backend=None if use_cuda or int(os.environ.get("WORLD_SIZE", "1")) == 1 else "gloo",
-    )
+        ddp_backend=None if use_cuda or world_size() == 1 else "gloo")
+
+
+def _history(start_path: str, log_history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(evaluations over steps, starting with step 0; training losses over steps)."""
+    history = []
+    if os.path.exists(start_path):
+        with open(start_path, encoding="utf-8") as f:
+            history.append(json.load(f))
+    history += [{k: v for k, v in h.items() if k != "examples"} for h in log_history if "wer" in h or "dppl" in h]
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in log_history if "loss" in h]
+    return history, losses
+
+
+def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg: SpeechTrainConfig,
+                 n_frames: int, *, control_text: str | None = None, cache_dir: str | None = None,
+                 meta: dict | None = None) -> dict:
+    """Train ``model`` (a SpeechLLM whose LLM already has a selection applied) and write ``out_dir``."""
+    from transformers import set_seed
+
+    from ..checkpoints import last_good_checkpoint, save_folder
+    from ..freeze import applied_to, snapshot
+    from ..integrations.trainer import GracefulStopCallback
+
+    if not train_rows:
+        raise KappaTuneError("the training manifest is empty")
+    handle = applied_to(model.llm)
+    if handle is not None and handle.slice_rows:
+        raise KappaTuneError("train-speech does not train single experts inside fused MoE tensors yet; "
+                             "select whole tensors (kappatune select --no-slices) for a MoE LLM")
+    set_seed(cfg.seed)
+    model.bos_id, model.eos_id = tok.bos_token_id, tok.eos_token_id
+    if model.bos_id is None or model.eos_id is None:
+        raise KappaTuneError("the tokenizer needs BOS and EOS tokens")
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    before = snapshot(model, only_frozen=False, slice_rows={})  # the frozen-tensor proof's reference
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    data = _prepare_data(model, tok, extractor, train_rows, test_rows, cfg, n_frames, control_text, cache_dir)
+    args = _speech_args(cfg, ckpt_dir)
     resume = last_good_checkpoint(ckpt_dir)
-    sub_frames, sub_refs = test_frames[: len(test_sub)], test_refs[: len(test_sub)]
+    sub_frames, sub_refs = data.test_frames[: data.eval_count], data.test_refs[: data.eval_count]
     start_path = os.path.join(out_dir, "speech_eval_step0.json")
     if not resume:
-        rec0 = dict(measure(model, tok, sub_frames, sub_refs, control, base_ppl, cfg), step=0)
+        rec0 = dict(measure(model, tok, sub_frames, sub_refs, data.control, data.base_ppl, cfg), step=0)
         atomic_write_json(start_path, rec0)
-    guard, stopper = FrozenTensorsCallback(), GracefulStopCallback()
-    trainer = _trainer_cls()(model=model, args=args, train_dataset=_FramesDataset(train_frames, text_ids),
-                             data_collator=_collate, optimizers=(opt, None),
-                             callbacks=[stopper, _eval_callback(model, tok, sub_frames, sub_refs, control,
-                                                                base_ppl, cfg), guard])
+    stopper = GracefulStopCallback()
+    evaluator = _eval_callback(model, tok, sub_frames, sub_refs, data.control, data.base_ppl, cfg)
+    trainer = _trainer_cls()(model=model, args=args, train_dataset=_FramesDataset(data.train_frames, data.text_ids),
+                             data_collator=_collate, optimizers=(_optimizer(model, cfg), None),
+                             callbacks=[stopper, evaluator])
     trainer.speech_tokenizer = tok
     trainer.speech_meta = dict(meta or {})
     if resume:
@@ -386,32 +426,23 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
     if stopper.requested:
         raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in "
                                   f"{ckpt_dir}; rerun the same command to resume")
-    after = {n: tensor_digest(p) for n, p in model.named_parameters()}
+    after = snapshot(model, only_frozen=False, slice_rows={})
     moved = sorted(n for n in after if after[n] != before[n])
-    stray = [n for n in moved if n not in selected]
+    stray = [n for n in moved if n not in trainable]
     if stray:
         raise KappaTuneError(f"tensor {stray[0]} changed but was not trainable")
-    final = measure(model, tok, test_frames, test_refs, control, base_ppl, cfg)
-    history = []
-    if os.path.exists(start_path):
-        with open(start_path, encoding="utf-8") as f:
-            history.append(json.load(f))
-    history += [{k: v for k, v in h.items() if k != "examples"} for h in trainer.state.log_history
-                if "wer" in h or "dppl" in h]
-    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    final = measure(model, tok, data.test_frames, data.test_refs, data.control, data.base_ppl, cfg)
+    history, losses = _history(start_path, trainer.state.log_history)
     if not args.should_save:
         return {}
-    tmp = os.path.join(out_dir, ".model-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_speech_model(model, tok, tmp, meta)
-    _replace_dir(tmp, os.path.join(out_dir, "model"))
-    n_llm = sum(p.numel() for p in llm_params)
+    save_folder(os.path.join(out_dir, "model"), lambda tmp: save_speech_model(model, tok, tmp, meta))
+    n_llm = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
     res = {"steps": trainer.state.global_step, "wall_s": wall,
            "train_loss": float(out.training_loss) if out.training_loss is not None else None,
-           "trainable": {"adaptor": sum(p.numel() for p in ad_params), "llm": n_llm,
-                         "llm_tensors": len(llm_params)},
-           "changed_tensors": len(moved), "frozen_verified": bool(guard.verified),
-           "base_control_ppl": base_ppl, "final": final, "history": history, "losses": losses,
+           "trainable": {"adaptor": sum(p.numel() for p in model.adaptor.parameters() if p.requires_grad),
+                         "llm": n_llm, "llm_tensors": sum(p.requires_grad for p in model.llm.parameters())},
+           "changed_tensors": len(moved), "frozen_verified": True,
+           "base_control_ppl": data.base_ppl, "final": final, "history": history, "losses": losses,
            "config": asdict(cfg), "meta": meta or {}}
     res = json.loads(json.dumps(res, default=str))
     atomic_write_json(os.path.join(out_dir, "speech_train.json"), res)
