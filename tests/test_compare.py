@@ -76,6 +76,12 @@ def test_lab_protocol_sweep_choose_seed_contrast_and_resume(setup, monkeypatch):
     monkeypatch.setattr(lab, "run_one", spy)
     out2 = run_lab(cfg)
     assert calls == [killed] and len(out2["runs"]) == 6
+    # --analyse-only: the finished runs only, and what is missing
+    os.remove(os.path.join(folder, "runs", killed.name, "result.json"))
+    part = lab.analyse_existing(cfg)
+    assert part["missing"] == [killed.name]
+    assert part["per_method"]["lora"]["accuracy"]["n"] == 1 and part["per_method"]["kappatune"]["accuracy"]["n"] == 2
+    assert "Partial" in lab.markdown(part)
 
 
 def test_lab_isolated_subprocess(setup):

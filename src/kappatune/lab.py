@@ -20,6 +20,7 @@ summary (how much training moved the spectra of the trained tensors).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -142,13 +143,29 @@ def control_sets(cfg: LabConfig, tokenizer) -> dict[str, list[list[int]]]:
 
 
 # ------------------------------------------------------------------------------------------------ one run
+def method_options_for(cfg: LabConfig, method: str) -> dict:
+    """The user's options for ``method``; a method that must keep clear of the evaluation chunks (CorDA's
+    calibration) is told where they are unless the user said otherwise."""
+    import dataclasses
+
+    from .methods import get_method
+
+    opts = dict(cfg.method_options.get(method, {}))
+    known = {f.name for f in dataclasses.fields(get_method(method).options or object)} \
+        if get_method(method).options else set()
+    for key, value in (("eval_chunks", cfg.max_chunks), ("eval_chunk_len", cfg.chunk_len)):
+        if key in known:
+            opts.setdefault(key, value)
+    return opts
+
+
 def train_config(cfg: LabConfig, spec: RunSpec):
     from .train import TrainConfig
 
     return TrainConfig(method=spec.method, budget_params=cfg.budget_params, epochs=cfg.epochs,
                        max_steps=cfg.max_steps, lr=spec.lr, batch_size=cfg.batch_size, seed=spec.seed,
                        save_steps=10_000, logging_steps=4, progress=cfg.progress,
-                       method_options=dict(cfg.method_options.get(spec.method, {})),
+                       method_options=method_options_for(cfg, spec.method),
                        monitor_every=cfg.monitor_every,
                        **({"template": cfg.template} if cfg.template else {}))
 
@@ -334,12 +351,24 @@ def choose_lrs(cfg: LabConfig, sweep: list[dict]) -> dict[str, float]:
     return out
 
 
+def sweep_specs(cfg: LabConfig) -> list[RunSpec]:
+    """Seed-0 runs of every method at every rate of its grid, the middle rates first."""
+    order = []
+    for m in cfg.methods:
+        grid = cfg.grid(m)
+        mid = len(grid) // 2
+        order += [(rank, i, RunSpec(m, lr, 0)) for i, lr in enumerate(grid)
+                  for rank in [0 if i == mid else 1 + abs(i - mid)]]
+    return [spec for _, _, spec in sorted(order, key=lambda t: (t[0], t[1]))]
+
+
 def run_lab(cfg: LabConfig) -> dict:
     """The whole protocol (module docstring); returns and writes results.json / results.md."""
     os.makedirs(cfg.output, exist_ok=True)
     preflight(cfg)
     base = base_figures(cfg)
-    sweep = [execute(cfg, RunSpec(m, lr, 0)) for m in cfg.methods for lr in cfg.grid(m)]
+    # rate-major order: an interrupted sweep has every method at its middle rate first
+    sweep = [execute(cfg, spec) for spec in sweep_specs(cfg)]
     chosen = choose_lrs(cfg, sweep)
     atomic_write_json(os.path.join(cfg.output, "chosen_lrs.json"), chosen)
     seeded = [r for r in sweep if r["lr"] == chosen[r["method"]]]
@@ -347,6 +376,29 @@ def run_lab(cfg: LabConfig) -> dict:
         seeded += [execute(cfg, RunSpec(m, chosen[m], seed)) for m in cfg.methods]
     out = analyse(cfg, base, sweep, seeded, chosen)
     write_outputs(cfg, out)
+    return out
+
+
+def analyse_existing(cfg: LabConfig) -> dict:
+    """The analysis of whatever runs have finished (no training): methods whose sweep is complete get their
+    rate chosen and their finished seeds counted; ``missing`` lists the runs still to do."""
+    def done(spec: RunSpec) -> dict | None:
+        path = os.path.join(cfg.output, "runs", spec.name, "result.json")
+        return _load_json(path) if os.path.exists(path) else None
+
+    specs = sweep_specs(cfg)
+    sweep = [r for r in map(done, specs) if r is not None]
+    complete = [m for m in cfg.methods if all(done(RunSpec(m, lr, 0)) for lr in cfg.grid(m))]
+    chosen = choose_lrs(dataclasses.replace(cfg, methods=tuple(complete)), sweep) if complete else {}
+    seeded = [r for r in sweep if chosen.get(r["method"]) == r["lr"]]
+    seeded += [r for m, lr in chosen.items() for s in range(1, cfg.seeds) if (r := done(RunSpec(m, lr, s)))]
+    missing = [x.name for x in specs if done(x) is None]
+    missing += [RunSpec(m, lr, s).name for m, lr in chosen.items() for s in range(1, cfg.seeds)
+                if done(RunSpec(m, lr, s)) is None]
+    sub = dataclasses.replace(cfg, methods=tuple(complete)) if complete else cfg
+    out = analyse(sub, base_figures(cfg), sweep, seeded, chosen) if complete else \
+        {"config": asdict(cfg), "sweep": sweep, "runs": [], "per_method": {}, "contrasts": []}
+    out["missing"] = missing + [f"{m} (sweep incomplete)" for m in cfg.methods if m not in complete]
     return out
 
 
@@ -406,7 +458,10 @@ def markdown(out: dict) -> str:
         [("generalisation_gap", "{:+.2f}"), ("final_train_loss", "{:.3f}"), ("trainable_params", "{:,.0f}"),
          ("kappa_dlog10_median", "{:+.4f}")]
     base = out["base"]
-    lines = [f"base model: accuracy {base['accuracy']:.3f}; " +
+    partial = [f"**Partial**: {len(out['missing'])} runs of the protocol are not done yet (e.g. "
+               f"{', '.join(out['missing'][:3])}); the figures below use the finished ones.", ""] \
+        if out.get("missing") else []
+    lines = partial + [f"base model: accuracy {base['accuracy']:.3f}; " +
              "; ".join(f"{c} PPL {base[f'control_ppl[{c}]']:.2f}" for c in ctrl), "",
              "Per method at its chosen learning rate (mean [95% interval] over seeds):", "",
              "| method | lr | n | " + " | ".join(c for c, _ in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
@@ -425,6 +480,8 @@ def write_outputs(cfg: LabConfig, out: dict) -> None:
 
     atomic_write_json(os.path.join(cfg.output, "results.json"), out)
     atomic_write_text(os.path.join(cfg.output, "results.md"), markdown(out))
+    if not out["per_method"]:
+        return
     try:
         from .plots import plot_lab
 

@@ -66,6 +66,8 @@ def _register_compare(sub) -> None:
     p.add_argument("--template", help="prompt template (default the tweet template)")
     p.add_argument("--output", "-o", default="runs/compare")
     p.add_argument("--no-isolate", action="store_true", help="run in this process (peak memory is then cumulative)")
+    p.add_argument("--analyse-only", action="store_true",
+                   help="train nothing: tables and plots from the runs finished so far (lists what is missing)")
 
 
 def _help(name: str) -> str:
@@ -122,7 +124,7 @@ def _method_options(items: list[str]) -> dict:
 
 def cmd_compare(a) -> int:
     from ..data import parse_template
-    from ..lab import LabConfig, markdown, run_lab
+    from ..lab import LabConfig, analyse_existing, markdown, run_lab, write_outputs
 
     cfg = LabConfig(model=a.model, methods=csv_list(a.methods), seeds=a.seeds, lr_grid=_lr_grid(a),
                     budget_params=a.budget_params, train=a.train, test=a.test, train_size=a.train_size,
@@ -133,6 +135,11 @@ def cmd_compare(a) -> int:
                     monitor_every=a.monitor_every, template=parse_template(a.template) or None, output=a.output,
                     isolate=not a.no_isolate)
     with contextlib.redirect_stdout(sys.stderr):
-        out = run_lab(cfg)
-    sys.stdout.write(markdown(out))
+        if a.analyse_only:
+            out = analyse_existing(cfg)
+            write_outputs(cfg, out)
+        else:
+            out = run_lab(cfg)
+    sys.stdout.write(markdown(out) if out["per_method"] else f"no method has finished its sweep; missing: "
+                                                              f"{len(out['missing'])} runs\n")
     return 0
