@@ -118,10 +118,11 @@ def toy_rows(n=24, seed=0):
 
 
 # ---- helpers shared by several test modules -------------------------------------------------------
-def run(*args, cwd=None):
+def run(*args, cwd=None, env=None):
+    """The kappatune command (the installed entry point, else python -m kappatune); returns the finished process."""
     exe = shutil.which("kappatune")
     cmd = [exe, *args] if exe else [sys.executable, "-m", "kappatune", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
 
 
 def one_line_error(r, *needles):

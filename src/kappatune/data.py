@@ -178,11 +178,18 @@ def models_cache_dir() -> str:
 BUILTIN_MODELS = ("smollm2",)
 
 
-def resolve_model(spec: str) -> str:
+def resolve_model(spec: str, revision: str | None = None) -> str:
     """A model folder for ``spec``: 'smollm2' names the built-in SmolLM2-135M-Instruct (converted to an fp32
-    safetensors folder once, offline); anything else is taken as a folder path and returned unchanged."""
+    safetensors folder once, offline); a Hugging Face Hub id ``org/name`` (at ``revision``) resolves to its
+    cached snapshot (``kappatune.hub``); anything else is taken as a folder path and returned unchanged."""
     if spec == "smollm2":
         return smollm2_fp32()
+    from .hub import is_hub_id, resolve
+
+    if is_hub_id(spec):
+        return resolve(spec, revision)
+    if revision:
+        raise KappaTuneError(f"{spec}: --revision applies to Hub ids (org/name), not to local folders")
     return spec
 
 

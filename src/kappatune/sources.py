@@ -342,6 +342,21 @@ register_source(lambda obj: _path(obj) is not None and os.path.exists(_path(obj)
     lambda obj: SafetensorsSource(_path(obj)))
 
 
+def _is_hub_id(obj) -> bool:
+    from .hub import is_hub_id
+
+    return is_hub_id(obj)
+
+
+def _hub_source(obj) -> Source:
+    from .hub import resolve
+
+    return SafetensorsSource(resolve(obj))  # streams shard by shard from the cache, like a local folder
+
+
+register_source(_is_hub_id)(_hub_source)
+
+
 def open_source(obj) -> Source:
     """An nn.Module, or a path to a .safetensors file, a model folder, or a .gguf file (or whatever else a
     registered source claims)."""

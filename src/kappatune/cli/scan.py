@@ -18,7 +18,9 @@ def register(sub) -> None:
                     "report is what `kappatune select` chooses from. Results are cached, so a second scan of "
                     "the same weights is instant.",
         example="kappatune scan path/to/model -o report.json --csv report.csv")
-    p.add_argument("path", help="HF model folder (sharded safetensors too), a .safetensors file or a .gguf file")
+    p.add_argument("path", help="HF model folder (sharded safetensors too), a .safetensors or .gguf file, a Hub id "
+                                "org/name (fetched to the HF cache: config and safetensors only), or 'smollm2'")
+    p.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
     p.add_argument("--output", "-o", help="write the report JSON here (default: stdout)")
     p.add_argument("--csv", help="also write the per-unit table as CSV")
     p.add_argument("--embeddings", action="store_true", help="also scan embeddings and LM heads")
@@ -42,9 +44,11 @@ def register(sub) -> None:
 
 
 def cmd_scan(a) -> int:
+    from ..data import resolve_model
     from ..scanner import scan
 
-    rep = scan(a.path, embeddings=a.embeddings, include_routers=a.include_routers, cache=not a.no_cache,
+    rep = scan(resolve_model(a.path, a.revision), embeddings=a.embeddings, include_routers=a.include_routers,
+               cache=not a.no_cache,
                cache_dir=a.cache_dir, progress=not a.no_progress, input_var=a.input_var, exact=a.exact,
                device=a.device)
     if not is_main_rank():

@@ -32,7 +32,9 @@ def _register_train(sub) -> None:
                     "random) run through the same recipe for fair comparisons. Resumes from the last checkpoint "
                     "when run again; Ctrl-C saves one.",
         example="kappatune train path/to/model --data train.jsonl --budget-params 20M -o out/")
-    p.add_argument("model", help="local model folder (config.json + safetensors), or 'smollm2' (built-in)")
+    p.add_argument("model", help="local model folder (config.json + safetensors), a Hub id org/name, or 'smollm2' "
+                                 "(built-in)")
+    p.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
     p.add_argument("--data", required=True, help="training data: .jsonl, .csv or .txt")
     p.add_argument("--output", "-o", required=True, help="output folder (model/, selection.json, logs, checkpoints)")
     p.add_argument("--method", default="kappatune", help=METHODS_HELP)
@@ -121,7 +123,7 @@ def cmd_train(a) -> int:
     check_engine(cfg)
     rows = _check_data(a, cfg)
     report = KappaReport.load(a.report) if a.report else None
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, revision=a.revision)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its metrics; stdout is for results
         res = train(model, tok, rows, a.output, cfg, report=report)
     if res is not None:  # None on non-zero ranks of a distributed launch
@@ -137,7 +139,8 @@ def _register_eval(sub) -> None:
                     "between task test and train perplexity. A readable table goes to stderr, JSON to stdout "
                     "or --output.",
         example="kappatune eval out/model --control wikipedia --task test.jsonl --baseline path/to/model")
-    p.add_argument("model", help="local model folder, or 'smollm2'")
+    p.add_argument("model", help="local model folder, a Hub id org/name, or 'smollm2'")
+    p.add_argument("--revision", help="Hub branch, tag or commit of MODEL (Hub ids only)")
     p.add_argument("--control", help="control text: a .txt file, 'wikipedia' or 'news' (built-in samples)")
     p.add_argument("--task", help="task test set (.jsonl/.csv) for label accuracy and test PPL")
     p.add_argument("--train-task", help="task train set: adds the generalisation gap PPL(test) - PPL(train)")
@@ -179,7 +182,7 @@ def cmd_eval(a) -> int:
     from ..train import load_model
 
     control, test, train_rows, tpl, labels = _eval_inputs(a)
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, revision=a.revision)
     base = load_model(a.baseline)[0] if a.baseline else None
     res = evaluate(model, tok, control_text=control, task_test=test, task_train=train_rows, template=tpl,
                    labels=labels, baseline=base, chunk_len=a.chunk_len, max_chunks=a.max_chunks,
