@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The forgetting lab on SmolLM2-135M (issue 14): every method at the 2M budget, a learning-rate sweep per
+# family judged on validation accuracy, 5 paired seeds, forgetting on Wikipedia and news (32 x 256 tokens each),
+# 600 test tweets. Resumable: rerun the same command and finished runs are kept (runs/lab-smollm2/runs/*/result.json).
+# A run is ~5-10 min on 2 cores (32 steps + evaluation); the whole protocol is 84 runs.
+# Afterwards (or at any point): add --analyse-only for the tables and plots of what has finished, and
+#   python scripts/lab_smollm2.sh --analyse-only && cp runs/lab-smollm2/{base,chosen_lrs,results}.json ... (see docs/results.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/kappatune compare smollm2 \
+  --methods kappatune,random-same-kind,lora,osf,corda-kpm,kappatune-lora,full,mica,pissa,dora,random,highest-kappa \
+  --method-option corda-kpm:corpus=wikipedia --seeds 5 --max-steps 32 --train-size 256 \
+  -o runs/lab-smollm2 "$@"
