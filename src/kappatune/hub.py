@@ -75,11 +75,11 @@ def _no_safetensors(repo_id: str, revision: str | None, folder: str) -> str:
 
 def _remote_files(repo_id: str, revision: str | None) -> list[str]:
     """The repository's file list from the Hub ([] when offline or unreachable)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return []
     try:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi, constants
 
+        if constants.HF_HUB_OFFLINE:  # huggingface_hub's own reading of HF_HUB_OFFLINE
+            return []
         return list(HfApi().list_repo_files(repo_id, revision=revision))
     except Exception:
         return []

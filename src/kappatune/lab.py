@@ -151,8 +151,8 @@ def method_options_for(cfg: LabConfig, method: str) -> dict:
     from .methods import get_method
 
     opts = dict(cfg.method_options.get(method, {}))
-    known = {f.name for f in dataclasses.fields(get_method(method).options or object)} \
-        if get_method(method).options else set()
+    options = get_method(method).options
+    known = {f.name for f in dataclasses.fields(options)} if options else set()
     for key, value in (("eval_chunks", cfg.max_chunks), ("eval_chunk_len", cfg.chunk_len)):
         if key in known:
             opts.setdefault(key, value)
@@ -195,14 +195,12 @@ def evaluate_run(model, tok, cfg: LabConfig, data, controls) -> dict:
 
 def run_one(cfg: LabConfig, spec: RunSpec, run_dir: str) -> dict:
     """Train one (method, lr, seed), evaluate it, write run_dir/result.json last (the done marker)."""
-    from .data import resolve_model
     from .models import load_model
     from .report import KappaReport
     from .train import train
 
-    path = resolve_model(cfg.model)
     data = task_data(cfg)
-    model, tok = load_model(path)
+    model, tok = load_model(cfg.model)
     controls = control_sets(cfg, tok)
     report = KappaReport.load(os.path.join(cfg.output, "report.json"))
     cbs = [stop_at_loss(cfg.target_loss)] if cfg.target_loss is not None else []
@@ -291,9 +289,10 @@ def execute(cfg: LabConfig, spec: RunSpec) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ protocol
-def preflight(cfg: LabConfig) -> None:
+def preflight(cfg: LabConfig):
     """Every input problem as a one-line error before the first run trains: unknown methods and bad method
-    options (TrainConfig), control corpora too short, a budget a method cannot meet."""
+    options (TrainConfig), control corpora too short, a budget a method cannot meet. Returns what it loaded
+    (model, tokenizer, task data, control chunks) for the base-model figures."""
     from .data import resolve_model
     from .models import load_model
     from .scanner import scan
@@ -301,29 +300,28 @@ def preflight(cfg: LabConfig) -> None:
     for m in cfg.methods:
         for lr in cfg.grid(m):
             train_config(cfg, RunSpec(m, lr, 0))
-    path = resolve_model(cfg.model)
-    model, tok = load_model(path)
-    control_sets(cfg, tok)
-    task_data(cfg)
+    model, tok = load_model(cfg.model)
+    controls = control_sets(cfg, tok)
+    data = task_data(cfg)
     report_path = os.path.join(cfg.output, "report.json")
     if not os.path.exists(report_path):
-        scan(path, progress=cfg.progress).save(report_path)
+        scan(resolve_model(cfg.model), progress=cfg.progress).save(report_path)
     _check_budget(cfg, model, report_path)
+    return model, tok, data, controls
 
 
 def _check_budget(cfg: LabConfig, model, report_path: str) -> None:
     from .methods import get_method
     from .methods.lora import LORA_DEFAULT_TARGETS, lora_modules
-    from .methods.selective import NAMED_ORDERS, selection_for
+    from .methods.selective import order_of, selection_for
     from .policies import parse_size
     from .report import KappaReport
 
     budget = parse_size(cfg.budget_params)
     report = KappaReport.load(report_path)
-    orders = {v: k for k, v in NAMED_ORDERS.items()}
     for m in cfg.methods:
-        if m in orders:
-            selection_for(report, orders[m], budget_params=budget)  # raises with the reason
+        if order_of(m) is not None:
+            selection_for(report, order_of(m), budget_params=budget)  # raises with the reason
         elif get_method(m).family == "adapter":
             step = sum(mod.in_features + mod.out_features for _, mod in lora_modules(model, LORA_DEFAULT_TARGETS))
             if budget < step / 2:
@@ -331,14 +329,17 @@ def _check_budget(cfg: LabConfig, model, report_path: str) -> None:
                                      f"({step:,}) on this model: {m} cannot meet it")
 
 
-def base_figures(cfg: LabConfig) -> dict:
+def base_figures(cfg: LabConfig, loaded=None) -> dict:
+    """The base model's figures (base.json), computed once; ``loaded`` is what ``preflight`` returned."""
     path = os.path.join(cfg.output, "base.json")
     if not os.path.exists(path):
-        from .data import resolve_model
-        from .models import load_model
+        if loaded is None:
+            from .models import load_model
 
-        model, tok = load_model(resolve_model(cfg.model))
-        atomic_write_json(path, evaluate_run(model, tok, cfg, task_data(cfg), control_sets(cfg, tok)))
+            model, tok = load_model(cfg.model)
+            loaded = (model, tok, task_data(cfg), control_sets(cfg, tok))
+        model, tok, data, controls = loaded
+        atomic_write_json(path, evaluate_run(model, tok, cfg, data, controls))
     return _load_json(path)
 
 
@@ -365,8 +366,7 @@ def sweep_specs(cfg: LabConfig) -> list[RunSpec]:
 def run_lab(cfg: LabConfig) -> dict:
     """The whole protocol (module docstring); returns and writes results.json / results.md."""
     os.makedirs(cfg.output, exist_ok=True)
-    preflight(cfg)
-    base = base_figures(cfg)
+    base = base_figures(cfg, preflight(cfg))
     # rate-major order: an interrupted sweep has every method at its middle rate first
     sweep = [execute(cfg, spec) for spec in sweep_specs(cfg)]
     chosen = choose_lrs(cfg, sweep)

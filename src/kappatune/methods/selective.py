@@ -33,6 +33,11 @@ def method_name(order: str) -> str:
     return NAMED_ORDERS.get(order, f"{order}-kappa")
 
 
+def order_of(method: str) -> str | None:
+    """The selection order a selective method trains by (None for other methods)."""
+    return next((o for o in ORDERS if method_name(o) == method), None)
+
+
 def _prepare_for(order: str):
     def prepare(model, ctx, cfg) -> Prepared:
         if cfg.budget_params is None:
