@@ -10,7 +10,7 @@ import kappatune
 from kappatune.hashing import tensor_hash as tensor_digest
 from kappatune.data import PromptTemplate, load_records, tokenize_examples
 from kappatune.errors import KappaTuneError
-from kappatune.evaluate import label_accuracy, perplexity
+from kappatune.evaluate import accuracy_and_perplexity, label_accuracy, perplexity, task_perplexity
 from kappatune.train import METHODS, TrainConfig, TrainingInterrupted, train
 from conftest import InterruptAt, make_lm, toy_rows
 
@@ -156,6 +156,28 @@ def test_label_accuracy_hand_made_with_multi_token_label():
     model = _TableLM(torch.log_softmax(table, -1))
     res = label_accuracy(model, _Tok(), rows, tpl, ["yes", "no", "maybe so"])
     assert res["predicted_counts"]["maybe so"] == 4 and res["accuracy"] == 0.25
+
+
+@pytest.mark.parametrize("labels", [("x", "y", "z"), ("positive", "negative")])
+def test_accuracy_and_perplexity_share_one_forward_and_agree(labels):
+    """Single-token labels: one forward per batch gives both figures; multi-token labels fall back. Either way
+    the figures equal label_accuracy's and task_perplexity's own."""
+    model, tok = make_lm(seed=3)
+    tpl = PromptTemplate()
+    rows = [{"text": r["text"], "label": labels[i % len(labels)]} for i, r in enumerate(toy_rows(20, seed=1))]
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    both = accuracy_and_perplexity(model, tok, rows, tpl, sorted(labels))
+    shared_calls = len(calls)
+    hook.remove()
+    acc = label_accuracy(model, tok, rows, tpl, sorted(labels), batch_size=8)
+    ppl = task_perplexity(model, tok, rows, tpl)
+    assert both["accuracy"] == acc
+    assert both["ppl"]["ppl"] == pytest.approx(ppl["ppl"], rel=1e-5)
+    assert both["ppl"]["tokens"] == ppl["tokens"]
+    single = all(len(tok(lab, add_special_tokens=False)["input_ids"]) == 1 for lab in labels)
+    # 20 rows in batches of 8: three forwards when shared, more when the two figures are computed apart
+    assert (shared_calls == 3) if single else (shared_calls > 3)
 
 
 def test_answer_only_loss_masks_the_prompt():

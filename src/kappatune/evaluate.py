@@ -47,20 +47,33 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def token_nll(model, seqs: list[list[int]], labels: list[list[int]], *, pad_id: int = 0,
-              batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence (sum of NLL over labelled tokens, number of labelled tokens); causal shift inside."""
+              batch_size: int = 8, probe_at: list[int] | None = None,
+              probe_ids: list[int] | None = None):
+    """Per-sequence (sum of NLL over labelled tokens, number of labelled tokens); causal shift inside.
+
+    With ``probe_at`` (one position per sequence) and ``probe_ids`` (vocabulary ids) it also returns the
+    float64 log-probabilities of ``probe_ids`` predicted at those positions, (N, len(probe_ids)): label
+    accuracy and task perplexity then share one forward pass instead of two."""
     was_training = model.training
     model.eval()
     dev = _device(model)
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))  # similar lengths together: less padding
     seqs, labels = [seqs[k] for k in order], [labels[k] for k in order]
-    sums, counts = [], []
+    probing = probe_at is not None
+    if probing:
+        probe_at = [probe_at[k] for k in order]
+        vocab = torch.tensor(probe_ids, dtype=torch.long, device=dev)
+    sums, counts, probes = [], [], []
     try:
         for i in range(0, len(seqs), batch_size):
             ids, lab, att = _pad_batch(seqs[i:i + batch_size], labels[i:i + batch_size], pad_id)
             ids, lab, att = ids.to(dev), lab.to(dev), att.to(dev)
-            logits = model(input_ids=ids, attention_mask=att).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
+            logits = model(input_ids=ids, attention_mask=att).logits
+            if probing:
+                at = torch.tensor(probe_at[i:i + batch_size], device=dev)
+                last = logits[torch.arange(len(at), device=dev), at].double()
+                probes.append(torch.log_softmax(last, -1)[:, vocab].cpu())
+            lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
             tgt = lab[:, 1:]
             mask = tgt != -100
             picked = lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
@@ -70,6 +83,8 @@ def token_nll(model, seqs: list[list[int]], labels: list[list[int]], *, pad_id: 
         model.train(was_training)
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    if probing:
+        return torch.cat(sums)[inv], torch.cat(counts)[inv], torch.cat(probes)[inv]
     return torch.cat(sums)[inv], torch.cat(counts)[inv]
 
 
@@ -179,6 +194,36 @@ def label_accuracy(model, tokenizer, rows: list[dict], template: PromptTemplate,
     acc = float((pred == gold).double().mean())
     counts = {lab: int((pred == i).sum()) for i, lab in enumerate(labels)}
     return {"accuracy": acc, "n": len(rows), "labels": labels, "predicted_counts": counts}
+
+
+def accuracy_and_perplexity(model, tokenizer, rows: list[dict], template: PromptTemplate,
+                            labels: Sequence[str], *, batch_size: int = 8, max_length: int = 256) -> dict:
+    """``label_accuracy`` and ``task_perplexity`` of the same rows from one forward pass per example.
+
+    The formatted example is prompt tokens + answer tokens (``tokenize_examples``), so the distribution
+    predicted at the prompt's last token is exactly the one label accuracy scores. That holds when every
+    label is one token and no prompt is truncated; otherwise the two are computed separately."""
+    labels = list(labels)
+    lab_ids = [tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
+    prompts = [tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"] for r in rows]
+    ex = tokenize_examples(rows, tokenizer, template, max_length=max_length, loss_on="all")
+    shared = all(len(ids) == 1 for ids in lab_ids) and \
+        all(e["input_ids"][:len(p)] == p and len(p) < len(e["input_ids"]) for p, e in zip(prompts, ex))
+    unknown = {str(r[template.answer_field]) for r in rows} - set(labels)
+    if not shared or unknown or len(labels) < 2:  # label_accuracy explains bad labels
+        return {"accuracy": label_accuracy(model, tokenizer, rows, template, labels, batch_size=batch_size,
+                                           max_length=max_length),
+                "ppl": task_perplexity(model, tokenizer, rows, template, max_length=max_length,
+                                       batch_size=batch_size)}
+    s, c, scores = token_nll(model, [e["input_ids"] for e in ex], [e["labels"] for e in ex],
+                             pad_id=_pad_id(tokenizer), batch_size=batch_size,
+                             probe_at=[len(p) - 1 for p in prompts], probe_ids=[ids[0] for ids in lab_ids])
+    pred = scores.argmax(1)  # first label wins ties, as in label_accuracy
+    gold = torch.tensor([labels.index(str(r[template.answer_field])) for r in rows])
+    nll = float(s.sum() / c.sum())
+    return {"accuracy": {"accuracy": float((pred == gold).double().mean()), "n": len(rows), "labels": labels,
+                         "predicted_counts": {lab: int((pred == i).sum()) for i, lab in enumerate(labels)}},
+            "ppl": {"ppl": math.exp(nll), "nll": nll, "tokens": int(c.sum()), "examples": len(rows)}}
 
 
 def evaluate(model, tokenizer, *, control_text: str | None = None, task_test: list[dict] | None = None,

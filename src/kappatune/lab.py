@@ -178,17 +178,18 @@ def _template(cfg: LabConfig):
 
 def evaluate_run(model, tok, cfg: LabConfig, data, controls) -> dict:
     """Every per-model figure of the protocol: accuracies, control NLL/PPL per corpus, the generalisation gap."""
-    from .evaluate import label_accuracy, perplexity, task_perplexity
+    from .evaluate import accuracy_and_perplexity, label_accuracy, perplexity, task_perplexity
 
     train_rows, val_rows, test_rows = data
     tpl = _template(cfg)
     labels = sorted({str(r[tpl.answer_field]) for r in train_rows})
-    out = {"accuracy": label_accuracy(model, tok, test_rows, tpl, labels)["accuracy"],
+    test = accuracy_and_perplexity(model, tok, test_rows, tpl, labels)  # one forward for both
+    out = {"accuracy": test["accuracy"]["accuracy"],
            "val_accuracy": label_accuracy(model, tok, val_rows, tpl, labels)["accuracy"]}
     for name, chunks in controls.items():
         p = perplexity(model, tok, chunks=chunks)
         out[f"control_ppl[{name}]"], out[f"control_nll[{name}]"] = p["ppl"], p["nll"]
-    p_test, p_train = task_perplexity(model, tok, test_rows, tpl)["ppl"], task_perplexity(model, tok, train_rows, tpl)["ppl"]
+    p_test, p_train = test["ppl"]["ppl"], task_perplexity(model, tok, train_rows, tpl)["ppl"]
     out.update(task_test_ppl=p_test, task_train_ppl=p_train, generalisation_gap=p_test - p_train)
     return out
 
