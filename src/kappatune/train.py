@@ -112,6 +112,7 @@ class TrainResult:
     changed_tensors: int
     frozen_verified: bool
     info: dict = field(default_factory=dict)
+    peak_gpu_mb: float | None = None      # torch.cuda.max_memory_allocated over the run (None without CUDA)
 
 
 def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig, *,
@@ -125,6 +126,8 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
     engine = check_engine(cfg)
     set_seed(cfg.seed)
     os.makedirs(output_dir, exist_ok=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     group_before = dist_initialized()
     # every tensor hashed once before the method touches the model: the reference of the frozen-tensor proof
     before = snapshot(model, only_frozen=False, slice_rows={})
@@ -170,7 +173,8 @@ def train(model, tokenizer, rows: list[dict], output_dir: str, cfg: TrainConfig,
                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                       changed_tensors=len(moved), frozen_verified=True,
                       info=dict(prep.info, config=_jsonable(asdict(cfg)),
-                                kappa_monitor={k: v for k, v in monitor.summary().items() if k != "tensors"}))
+                                kappa_monitor={k: v for k, v in monitor.summary().items() if k != "tensors"}),
+                      peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
     _write_records(output_dir, res, prep, final, moved, len(after), same_on_ranks)
     end_dist(group_before)
     return res
