@@ -121,6 +121,30 @@ def test_cli_reference_is_up_to_date():
     assert r.returncode == 0, r.stderr
 
 
+def test_figures_quoted_in_several_documents_agree_with_their_one_source(tmp_path):
+    """Every <!--fig:NAME--> quote in README.md and docs/*.md equals docs/figures.json; the check also catches a
+    stale quote (shown on a copy of the docs with one figure changed)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "scripts" / "sync_figures.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    copy = tmp_path / "repo"
+    for rel in ("README.md", "docs", "scripts/sync_figures.py"):
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (root / rel).is_dir() else shutil.copy)(root / rel, copy / rel)
+    readme = (copy / "README.md").read_text()
+    (copy / "README.md").write_text(readme.replace("<!--fig:scan_kappa_error-->7e-12", "<!--fig:scan_kappa_error-->1e-3"))
+    r = subprocess.run([sys.executable, str(copy / "scripts" / "sync_figures.py"), "--check"], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "README.md: scan_kappa_error is '1e-3'" in r.stderr
+    subprocess.run([sys.executable, str(copy / "scripts" / "sync_figures.py")], check=True)  # rewrites from the JSON
+    assert (copy / "README.md").read_text() == readme
+
+
 def test_help_is_user_facing_and_torch_free():
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "kappatune", "--help"], capture_output=True,
                        text=True)

@@ -106,3 +106,119 @@ def test_hub_errors_are_one_line(hub, args, needle):
 
 def test_revision_on_a_local_folder_is_refused(hub):
     one_line_error(run("scan", str(hub["snap"]), "--revision", "main", env=hub["env"]), "--revision applies to Hub")
+
+
+def _one_clip_manifest(tmp_path):
+    import wave
+
+    with wave.open(str(tmp_path / "clip.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(b"\0\0" * 1600)
+    (tmp_path / "speech.jsonl").write_text(json.dumps({"audio": str(tmp_path / "clip.wav"), "text": "hi"}) + "\n")
+    return tmp_path / "speech.jsonl"
+
+
+@pytest.mark.parametrize("command", ["scan", "train", "eval", "compare", "train-speech"])
+def test_every_model_command_passes_its_revision_to_the_hub(hub, tmp_path, command):
+    """A revision the cache does not hold is named in a one-line error by every command that takes a model (so
+    the revision reached the resolver); the commit the cache holds loads."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(4)))
+    extra = {"train": ("--data", str(data), "-o", str(tmp_path / "o")), "eval": ("--control", "wikipedia"),
+             "compare": ("-o", str(tmp_path / "o"), "--budget-params", "2000"),
+             "train-speech": ("--manifest", str(_one_clip_manifest(tmp_path)), "-o", str(tmp_path / "o"))}.get(command, ())
+    one_line_error(run(command, "org/tiny", "--revision", "v9", *extra, env=hub["env"]), "org/tiny@v9")
+
+
+def test_lab_and_speech_configs_resolve_their_revision(hub, tmp_path):
+    from kappatune.lab import LabConfig, preflight
+    from kappatune.models import load_model
+
+    model, _ = load_model("org/tiny", revision=REV)
+    want = dict(hub["model"].named_parameters())
+    assert all(p.detach().equal(want[n].detach()) for n, p in model.named_parameters())
+    cfg = LabConfig(model="org/tiny", revision=REV, methods=("kappatune",), budget_params=2000, train_size=8,
+                    val_size=4, test_size=8, max_chunks=2, chunk_len=16, output=str(tmp_path / "lab"))
+    loaded, _, _, _ = preflight(cfg)
+    assert all(p.detach().equal(want[n].detach()) for n, p in loaded.named_parameters())
+    with pytest.raises(kappatune.KappaTuneError, match="org/tiny@v9"):
+        preflight(LabConfig(model="org/tiny", revision="v9", methods=("kappatune",), output=str(tmp_path / "b")))
+
+
+@pytest.fixture
+def remote(tmp_path, monkeypatch):
+    """A sharded model on a fake Hub: huggingface_hub's download and metadata calls served from a folder, with
+    a log of every shard download and of how many fetched shards were on disk at once."""
+    import shutil
+
+    import huggingface_hub as hh
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+    from safetensors import safe_open
+
+    model, tok = make_lm()
+    folder = tmp_path / "remote"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    tok.save_pretrained(folder)
+    shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    log = {"downloads": [], "most_on_disk": 0}
+
+    def metadata(repo_id, revision=None, **kw):
+        files, weight_map = {}, {}
+        for shard in shards:
+            tensors = {}
+            with safe_open(str(folder / shard), "pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    tensors[name] = TensorInfo(dtype=sl.get_dtype(), shape=list(sl.get_shape()), data_offsets=(0, 0))
+                    weight_map[name] = shard
+            files[shard] = SafetensorsFileMetadata(metadata={}, tensors=tensors)
+        return SafetensorsRepoMetadata(metadata=None, sharded=True, weight_map=weight_map, files_metadata=files)
+
+    def download(repo_id, filename, revision=None, local_dir=None, **kw):
+        shutil.copy(folder / filename, os.path.join(local_dir, filename))
+        log["downloads"].append(filename)
+        on_disk = sum(f.endswith(".safetensors") for f in os.listdir(local_dir))
+        log["most_on_disk"] = max(log["most_on_disk"], on_disk)
+        return os.path.join(local_dir, filename)
+
+    def snapshot(repo_id, revision=None, allow_patterns=None, **kw):
+        meta = tmp_path / "meta"
+        meta.mkdir(exist_ok=True)
+        for f in os.listdir(folder):
+            if not f.endswith(".safetensors"):
+                shutil.copy(folder / f, meta / f)
+        return str(meta)
+
+    monkeypatch.setattr(hh, "get_safetensors_metadata", metadata)
+    monkeypatch.setattr(hh, "hf_hub_download", download)
+    monkeypatch.setattr(hh, "snapshot_download", snapshot)
+    monkeypatch.setattr(hh, "try_to_load_from_cache", lambda *a, **kw: None)
+    return {"folder": folder, "shards": shards, "log": log}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stream_shards_scan_equals_the_folder_scan_with_two_shards_on_disk_at_most(remote, workers):
+    from kappatune.hub_stream import StreamingHubSource
+
+    assert len(remote["shards"]) >= 4
+    src = StreamingHubSource("org/sharded")
+    streamed = kappatune.scan(src, cache=False, workers=workers)
+    folder = kappatune.scan(str(remote["folder"]), cache=False)
+    assert [(u.name, u.kappa, u.content_hash) for u in streamed.units] == \
+        [(u.name, u.kappa, u.content_hash) for u in folder.units]
+    downloads = remote["log"]["downloads"]
+    assert len(downloads) == len(set(downloads)) >= 3      # each shard fetched once, in shard order
+    assert downloads == sorted(downloads)
+    assert remote["log"]["most_on_disk"] <= 2
+    assert not os.path.exists(src.workdir)                  # nothing left behind
+
+
+def test_stream_shards_through_the_cli(remote, tmp_path, capsys):
+    from kappatune.cli import main
+
+    assert main(["scan", "org/sharded", "--stream-shards", "--no-cache", "--no-progress",
+                 "-o", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["source"]["kind"] == "hub-stream"
+    assert [u["name"] for u in rep["units"]] == [u.name for u in kappatune.scan(str(remote["folder"]), cache=False).units]
+    one_line_error(run("scan", str(remote["folder"]), "--stream-shards"), "--stream-shards applies to Hub ids")

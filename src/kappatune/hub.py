@@ -39,13 +39,13 @@ def resolve(repo_id: str, revision: str | None = None, *, weights: bool = True) 
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as e:  # huggingface_hub raises a family of errors; each becomes one line
-        raise KappaTuneError(_explain(repo_id, revision, e)) from None
+        raise KappaTuneError(explain_hub_error(repo_id, revision, e)) from None
     if weights and not any(f.endswith(".safetensors") for f in os.listdir(folder)):
         raise KappaTuneError(_no_safetensors(repo_id, revision, folder))
     return folder
 
 
-def _explain(repo_id: str, revision: str | None, e: Exception) -> str:
+def explain_hub_error(repo_id: str, revision: str | None, e: Exception) -> str:
     name = type(e).__name__
     at = f"{repo_id}@{revision}" if revision else repo_id
     if name == "GatedRepoError":

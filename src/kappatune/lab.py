@@ -44,7 +44,8 @@ RUN_METRICS = ("accuracy", "val_accuracy", "generalisation_gap", "final_train_lo
 
 @dataclass
 class LabConfig:
-    model: str = field(default="smollm2", metadata={"help": "model folder, or 'smollm2' (built-in)"})
+    model: str = field(default="smollm2", metadata={"help": "model folder, Hub id org/name, or 'smollm2' (built-in)"})
+    revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit of the model (Hub ids)"})
     methods: tuple[str, ...] = field(default=("kappatune", "random-same-kind", "lora", "kappatune-lora"),
                                      metadata={"help": "registered training methods to compare"})
     seeds: int = field(default=5, metadata={"help": "seeds per method at its chosen learning rate (>= 1)"})
@@ -201,7 +202,7 @@ def run_one(cfg: LabConfig, spec: RunSpec, run_dir: str) -> dict:
     from .train import train
 
     data = task_data(cfg)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, revision=cfg.revision)
     controls = control_sets(cfg, tok)
     report = KappaReport.load(os.path.join(cfg.output, "report.json"))
     cbs = [stop_at_loss(cfg.target_loss)] if cfg.target_loss is not None else []
@@ -301,12 +302,12 @@ def preflight(cfg: LabConfig):
     for m in cfg.methods:
         for lr in cfg.grid(m):
             train_config(cfg, RunSpec(m, lr, 0))
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, revision=cfg.revision)
     controls = control_sets(cfg, tok)
     data = task_data(cfg)
     report_path = os.path.join(cfg.output, "report.json")
     if not os.path.exists(report_path):
-        scan(resolve_model(cfg.model), progress=cfg.progress).save(report_path)
+        scan(resolve_model(cfg.model, cfg.revision), progress=cfg.progress).save(report_path)
     _check_budget(cfg, model, report_path)
     return model, tok, data, controls
 
@@ -337,7 +338,7 @@ def base_figures(cfg: LabConfig, loaded=None) -> dict:
         if loaded is None:
             from .models import load_model
 
-            model, tok = load_model(cfg.model)
+            model, tok = load_model(cfg.model, revision=cfg.revision)
             loaded = (model, tok, task_data(cfg), control_sets(cfg, tok))
         model, tok, data, controls = loaded
         atomic_write_json(path, evaluate_run(model, tok, cfg, data, controls))

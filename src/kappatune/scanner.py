@@ -101,6 +101,7 @@ class ScanPlan:
         by_source: dict[str, list[UnitSpec]] = {}
         for u in plan.units:
             by_source.setdefault(u.source, []).append(u)
+        by_source = {k: by_source[k] for k in src.load_order(list(by_source))}  # tensors are loaded in this order
         return cls(plan.units, plan.skipped, entries, by_source)
 
     def source_bytes(self) -> dict[str, int]:

@@ -32,6 +32,10 @@ class Source:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "model_type": self.model_type}
 
+    def load_order(self, keys: list[str]) -> list[str]:
+        """The order in which the scan should load ``keys`` (a streaming source groups them by file)."""
+        return keys
+
     def close(self) -> None:
         pass
 
@@ -109,7 +113,7 @@ class SafetensorsSource(Source):
         for f in files:
             if not os.path.exists(f):
                 raise KappaTuneError(f"{f}: shard listed in the index is missing")
-            for k, (start, stop, dtype, shape, dname) in _read_safetensors_header(f).items():
+            for k, (start, stop, dtype, shape, dname) in read_safetensors_header(f).items():
                 self._meta[k] = Entry(k, shape, dname)
                 self._where[k] = (f, start, stop, dtype, shape)
 
@@ -117,21 +121,26 @@ class SafetensorsSource(Source):
         return [self._meta[k] for k in sorted(self._meta)]
 
     def load(self, name: str) -> torch.Tensor:
-        f, start, stop, dtype, shape = self._where[name]
-        buf = torch.empty(stop - start, dtype=torch.uint8)
-        try:
-            with open(f, "rb") as fh:
-                fh.seek(start)
-                got = fh.readinto(memoryview(buf.numpy()))
-        except OSError as e:
-            raise KappaTuneError(f"{f}: cannot read tensor {name!r} ({e})") from None
-        if got != stop - start:
-            raise KappaTuneError(f"{f}: tensor {name!r} is cut short; the file is truncated")
-        return buf.view(dtype).reshape(shape)
+        return read_tensor(name, *self._where[name])
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": os.path.abspath(self.path), "files": len(self.files),
                 "model_type": self.model_type}
+
+
+def read_tensor(name: str, f: str, start: int, stop: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """One tensor of a safetensors file (absolute byte range from ``read_safetensors_header``), read into fresh
+    memory with a positioned read (no memory map)."""
+    buf = torch.empty(stop - start, dtype=torch.uint8)
+    try:
+        with open(f, "rb") as fh:
+            fh.seek(start)
+            got = fh.readinto(memoryview(buf.numpy()))
+    except OSError as e:
+        raise KappaTuneError(f"{f}: cannot read tensor {name!r} ({e})") from None
+    if got != stop - start:
+        raise KappaTuneError(f"{f}: tensor {name!r} is cut short; the file is truncated")
+    return buf.view(dtype).reshape(shape)
 
 
 _ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -139,7 +148,7 @@ _ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _read_safetensors_header(f: str) -> dict:
+def read_safetensors_header(f: str) -> dict:
     """{name: (absolute start, stop, torch dtype, shape, dtype name)}; every inconsistency is a clear error."""
     import struct
 
@@ -182,7 +191,7 @@ def _read_safetensors_header(f: str) -> dict:
             raise KappaTuneError(f"{f}: not a valid safetensors file (tensor {k!r} has inconsistent offsets)")
         if data_start + e > size:
             raise KappaTuneError(f"{f}: the file is truncated (tensor {k!r} ends past the end of the file)")
-        out[k] = (data_start + b, data_start + e, dtype, shape, _st_dtype(dname))
+        out[k] = (data_start + b, data_start + e, dtype, shape, st_dtype_name(dname))
     return out
 
 
@@ -191,7 +200,7 @@ _ST_DTYPES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfl
               "u8": "uint8", "bool": "bool"}
 
 
-def _st_dtype(s: str) -> str:
+def st_dtype_name(s: str) -> str:
     s = s.lower()
     return _ST_DTYPES.get(s, s)
 

@@ -42,7 +42,8 @@ def _register_compare(sub) -> None:
                     "the accuracy-vs-forgetting frontier and the kappa monitor plots. Finished runs are kept: an "
                     "interrupted compare resumes.",
         example="kappatune compare smollm2 --methods kappatune,random-same-kind,lora,osf --seeds 5 -o runs/lab")
-    p.add_argument("model", help="local model folder, or 'smollm2'")
+    p.add_argument("model", help="local model folder, a Hub id org/name, or 'smollm2'")
+    p.add_argument("--revision", help=_help("revision"))
     p.add_argument("--methods", default=",".join(LabConfig.methods), help="comma-separated training methods")
     p.add_argument("--seeds", type=int, default=LabConfig.seeds, help=_help("seeds"))
     p.add_argument("--lrs", help="one learning-rate grid for every method, e.g. 3e-4,1e-3,3e-3 (default: per family, "
@@ -126,7 +127,7 @@ def cmd_compare(a) -> int:
     from ..data import parse_template
     from ..lab import LabConfig, analyse_existing, markdown, run_lab, write_outputs
 
-    cfg = LabConfig(model=a.model, methods=csv_list(a.methods), seeds=a.seeds, lr_grid=_lr_grid(a),
+    cfg = LabConfig(model=a.model, revision=a.revision, methods=csv_list(a.methods), seeds=a.seeds, lr_grid=_lr_grid(a),
                     budget_params=a.budget_params, train=a.train, test=a.test, train_size=a.train_size,
                     val_size=a.val_size, test_size=a.test_size,
                     controls=(a.control,) if a.control else csv_list(a.controls), max_chunks=a.max_chunks,

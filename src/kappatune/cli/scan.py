@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("path", help="HF model folder (sharded safetensors too), a .safetensors or .gguf file, a Hub id "
                                 "org/name (fetched to the HF cache: config and safetensors only), or 'smollm2'")
     p.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
+    p.add_argument("--stream-shards", action="store_true",
+                   help="Hub ids: fetch one safetensors shard at a time, scan it, delete it (disk: ~2 shards; "
+                        "every scan downloads the model again; see docs/distributed.md)")
     p.add_argument("--output", "-o", help="write the report JSON here (default: stdout)")
     p.add_argument("--csv", help="also write the per-unit table as CSV")
     p.add_argument("--embeddings", action="store_true", help="also scan embeddings and LM heads")
@@ -44,10 +47,9 @@ def register(sub) -> None:
 
 
 def cmd_scan(a) -> int:
-    from ..data import resolve_model
     from ..scanner import scan
 
-    rep = scan(resolve_model(a.path, a.revision), embeddings=a.embeddings, include_routers=a.include_routers,
+    rep = scan(_source(a), embeddings=a.embeddings, include_routers=a.include_routers,
                cache=not a.no_cache,
                cache_dir=a.cache_dir, progress=not a.no_progress, input_var=a.input_var, exact=a.exact,
                device=a.device)
@@ -60,6 +62,21 @@ def cmd_scan(a) -> int:
     log.info("scanned %d units (%d skipped tensors, %d not ok, %d from cache) in %.1f s", len(rep.units),
              len(rep.skipped), bad, rep.cache_hits, rep.elapsed_s)
     return 0
+
+
+def _source(a):
+    """What to scan: a folder/file/'smollm2'/Hub snapshot, or with --stream-shards a Hub id streamed by shard."""
+    from ..data import resolve_model
+    from ..errors import KappaTuneError
+    from ..hub import is_hub_id
+
+    if not a.stream_shards:
+        return resolve_model(a.path, a.revision)
+    if not is_hub_id(a.path):
+        raise KappaTuneError(f"{a.path}: --stream-shards applies to Hub ids (org/name), not to local files")
+    from ..hub_stream import StreamingHubSource
+
+    return StreamingHubSource(a.path, a.revision)
 
 
 def cmd_show(a) -> int:

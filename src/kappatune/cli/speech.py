@@ -22,7 +22,8 @@ def _register_train_speech(sub) -> None:
                     "tensors within --budget-params train. Reports WER/CER and the LLM's forgetting during and "
                     "after training; resumable.",
         example="kappatune train-speech smollm2 --manifest train.jsonl --test test.jsonl --eval-every 50 -o speech/")
-    p.add_argument("model", help="causal LM folder, or 'smollm2'")
+    p.add_argument("model", help="causal LM folder, a Hub id org/name, or 'smollm2'")
+    p.add_argument("--revision", help="Hub branch, tag or commit of MODEL (Hub ids only)")
     p.add_argument("--manifest", required=True, help="training JSONL with 'audio' (16 kHz mono WAV) and 'text'")
     p.add_argument("--test", help="test manifest: WER/CER before, during (--eval-every) and after training")
     p.add_argument("--encoder", default="whisper-tiny",
@@ -62,7 +63,7 @@ def cmd_train_speech(a) -> int:
     run = SpeechRun(model=a.model, manifest=a.manifest, output=a.output, test=a.test, encoder=a.encoder,
                     order=a.order, budget_params=a.budget_params, adaptor_heads=a.adaptor_heads,
                     adaptor_layers=a.adaptor_layers, control=a.control, frames_cache=a.frames_cache, seed=a.seed,
-                    train=loop)
+                    train=loop, revision=a.revision)
     res = run_train_speech(run)
     write_json({k: v for k, v in res.items() if k not in ("history", "losses", "config")}, None)
     return 0

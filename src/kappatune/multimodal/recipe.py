@@ -18,7 +18,7 @@ from .speech_train import SpeechTrainConfig
 class SpeechRun:
     """What ``kappatune train-speech`` asks for; ``train`` holds the training-loop settings."""
 
-    model: str                                  # causal LM folder, or 'smollm2'
+    model: str                                  # causal LM folder, Hub id org/name, or 'smollm2'
     manifest: str                               # training JSONL: 'audio' (16 kHz mono WAV) + 'text'
     output: str
     test: str | None = None                     # test manifest for WER/CER during and after training
@@ -31,6 +31,7 @@ class SpeechRun:
     frames_cache: str | None = None             # None: the default cache folder; 'none': no cache
     seed: int = 0
     train: SpeechTrainConfig = field(default_factory=SpeechTrainConfig)
+    revision: str | None = None                 # Hub branch, tag or commit of ``model`` (Hub ids only)
 
 
 def prepare_llm(llm, order: str, budget_params: int, seed: int):
@@ -69,7 +70,7 @@ def run_train_speech(run: SpeechRun) -> dict:
     budget = parse_size(run.budget_params)
     control = control_text(run.control)
     encoder = load_encoder(run.encoder)
-    llm, tok = load_model(run.model)
+    llm, tok = load_model(run.model, revision=run.revision)
     sel = prepare_llm(llm, run.order, budget, run.seed)
     torch.manual_seed(run.seed)  # the same adaptor initialisation whatever the selection (ablations compare)
     model = SpeechLLM(encoder, llm, heads=run.adaptor_heads or max(1, llm.config.num_attention_heads),
