@@ -96,12 +96,55 @@ def test_lab_isolated_subprocess(setup):
     (dict(max_chunks=500), "has only"),
     (dict(budget_params=10 ** 12), "budget"),
     (dict(lr_grid={"selective": ()}), "learning-rate grid"),
+    (dict(variants={"lora": {"method": "lora"}}), "registered method's name"),
+    (dict(variants={"v": {"method": "lora", "lr": 1.0}}), "'lr' is not a setting"),
+    (dict(variants={"v": {"method": "lora", "no_such_field": 1}}), "'no_such_field' is not a setting"),
+    (dict(variants={"v": {"lora_alpha": 8}}), "needs the method"),
+    (dict(contrasts=("kappatune:absent",)), "contrast"),
 ])
 def test_lab_refuses_bad_input_before_training(setup, change, message):
     setup.update(change)
     with pytest.raises(KappaTuneError, match=message):
         run_lab(LabConfig(**{"methods": ("kappatune", "lora"), "seeds": 1, **setup}))
     assert not os.path.exists(os.path.join(setup["output"], "runs"))  # nothing trained
+
+
+def test_lab_variants_train_their_settings_under_their_own_label(setup):
+    """A variant is its method with other TrainConfig settings (the paper's fixed LoRA alpha and longer training
+    here), swept, seeded and contrasted under its label like any method."""
+    setup.update(lr_grid={"adapter": (1e-3,)})
+    variants = {"kl-alpha8": {"method": "kappatune-lora", "lora_alpha": 8, "max_steps": 2},
+                "lora-alpha8": {"method": "lora", "lora_alpha": 8}}
+    cfg = LabConfig(methods=("kappatune-lora", "lora", "kl-alpha8", "lora-alpha8"), seeds=2, variants=variants,
+                    contrasts=("kl-alpha8:lora-alpha8",), **setup)
+    out = run_lab(cfg)
+    runs = {(r["method"], r["seed"]): r for r in out["runs"]}
+    assert runs[("kl-alpha8", 1)]["steps"] == 2 and runs[("kappatune-lora", 1)]["steps"] == 3
+    for label, method in (("kl-alpha8", "kappatune-lora"), ("lora-alpha8", "lora")):
+        info = runs[(label, 0)]["info"]
+        assert info["alpha"] == 8 and runs[(method, 0)]["info"]["alpha"] == 2 * runs[(method, 0)]["info"]["rank"]
+        assert runs[(label, 0)]["trainable_params"] == runs[(method, 0)]["trainable_params"]  # same budget
+    con = {(c["a"], c["b"], c["metric"]) for c in out["contrasts"]}
+    assert ("kl-alpha8", "lora-alpha8", "accuracy") in con and ("kappatune-lora", "lora", "accuracy") in con
+    assert "kl-alpha8 = kappatune-lora with lora_alpha=8, max_steps=2" in lab.markdown(out)
+
+
+def test_fixed_lora_alpha_reaches_every_adapted_module(lm_folder):
+    """--lora-alpha: one alpha on every module, those with one rank more (rank_pattern) included."""
+    from kappatune.methods import MethodContext, get_method
+    from kappatune.train import TrainConfig, load_model
+
+    model, _ = load_model(str(lm_folder))
+    report = kappatune.scan(model, cache=False)
+    for name in ("kappatune-lora", "lora"):
+        m, _ = load_model(str(lm_folder))
+        prep = get_method(name).prepare(m, MethodContext(lambda: report), TrainConfig(method=name, budget_params=3000,
+                                                                                       lora_alpha=8))
+        scalings = {v for mod in prep.model.modules() if isinstance(getattr(mod, "scaling", None), dict)
+                    for v in mod.scaling.values()}
+        ranks = {v for mod in prep.model.modules() if hasattr(mod, "r") and isinstance(mod.r, dict)
+                 for v in mod.r.values()}
+        assert scalings == {8 / r for r in ranks}, name
 
 
 def test_lora_rank_matches_budget_within_one_step():
@@ -155,3 +198,28 @@ def test_kappatune_lora_rank_pattern_lands_closer_to_budget():
         assert abs(info["expected_params"] - budget) <= abs(cinfo["expected_params"] - budget)
         pm = get_peft_model(make_lm()[0], cfg)
         assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == info["expected_params"]
+
+
+@pytest.mark.slow  # 18 tiny runs, ~1 min on 2 cores: the fast suite covers the protocol through the library
+def test_compare_cli_every_peer_variant_and_contrast_on_a_tiny_model(setup, tmp_path):
+    """`kappatune compare` end to end: the PEFT peers beside kappatune and its controls, a variant and an extra
+    contrast; per-method figures with intervals over 2 seeds in results.json, and the markdown on stdout."""
+    from conftest import run
+
+    methods = "osf,corda-kpm,mica,pissa,dora,kappatune,random-same-kind,lora,lora-alpha8"
+    r = run("compare", setup["model"], "--methods", methods, "--seeds", "2", "--lr", "1e-3",
+            "--variant", "lora-alpha8=lora,lora_alpha=8", "--contrast", "lora:lora-alpha8",
+            "--method-option", f"corda-kpm:corpus={setup['controls'][1]}", "--method-option",
+            "corda-kpm:calib_chunks=2", "--method-option", "corda-kpm:chunk_len=32",
+            "--train", setup["train"], "--test", setup["test"], "--controls", ",".join(setup["controls"]),
+            "--budget-params", "3000", "--val-size", "4", "--max-steps", "2", "--batch-size", "4",
+            "--chunk-len", "32", "--max-chunks", "2", "--no-isolate", "-o", str(tmp_path / "cli"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert set(out["per_method"]) == set(methods.split(","))
+    assert all(out["per_method"][m]["accuracy"]["n"] == 2 for m in out["per_method"])
+    assert out["best_peer"] in ("osf", "corda-kpm", "mica", "pissa", "dora")
+    pairs = {(c["a"], c["b"]) for c in out["contrasts"]}
+    assert {("kappatune", "random-same-kind"), ("kappatune", "lora"), ("kappatune", out["best_peer"]),
+            ("lora", "lora-alpha8")} <= pairs
+    assert "| kappatune | 0.001 | 2 |" in r.stdout

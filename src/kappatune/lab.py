@@ -67,6 +67,10 @@ class LabConfig:
     target_loss: float | None = field(default=None, metadata={
         "help": "stop each run once its logged training loss reaches this (matched-performance view)"})
     method_options: dict = field(default_factory=dict, metadata={"help": "{method: {option: value}}"})
+    variants: dict = field(default_factory=dict, metadata={
+        "help": "{label: {'method': a registered method, TrainConfig field: value, ...}}: a method with other "
+                "settings (e.g. a fixed LoRA alpha), run and reported under its own label"})
+    contrasts: tuple[str, ...] = field(default=(), metadata={"help": "extra paired contrasts 'a:b' (method labels)"})
     monitor_every: int = field(default=0, metadata={"help": "kappa monitor interval in steps (0: ends only)"})
     template: str | None = field(default=None, metadata={"help": "prompt template (default: the tweet one)"})
     output: str = field(default="runs/compare", metadata={"help": "output folder (resumable)"})
@@ -78,8 +82,14 @@ class LabConfig:
 
         self.methods = tuple(self.methods)
         self.controls = tuple(self.controls)
+        self.contrasts = tuple(self.contrasts)
+        check_variants(self.variants)
         for m in self.methods:
-            get_method(m)
+            get_method(base_method(self, m))
+        for c in self.contrasts:
+            a, _, b = c.partition(":")
+            if not b or a not in self.methods or b not in self.methods:
+                raise KappaTuneError(f"contrast {c!r}: give 'a:b' with both among the methods compared")
         if self.seeds < 1:
             raise KappaTuneError("seeds must be >= 1")
         for k in ("train_size", "val_size", "test_size", "max_chunks", "chunk_len", "batch_size"):
@@ -94,8 +104,37 @@ class LabConfig:
     def grid(self, method: str) -> tuple[float, ...]:
         from .methods import get_method
 
-        fam = get_method(method).family
-        return tuple(float(x) for x in self.lr_grid.get(method) or self.lr_grid.get(fam) or DEFAULT_GRIDS[fam])
+        base = base_method(self, method)
+        fam = get_method(base).family
+        grid = self.lr_grid.get(method) or self.lr_grid.get(base) or self.lr_grid.get(fam) or DEFAULT_GRIDS[fam]
+        return tuple(float(x) for x in grid)
+
+
+# settings a variant may not change: they are what the protocol holds equal, or have their own option
+FIXED_FOR_VARIANTS = ("method", "seed", "lr", "budget_params", "method_options", "progress")
+
+
+def check_variants(variants: dict) -> None:
+    """Each variant names a registered method and only TrainConfig fields the protocol lets it change."""
+    from .methods import METHODS, get_method
+    from .train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for label, settings in variants.items():
+        if label in METHODS:
+            raise KappaTuneError(f"variant {label!r}: the label is a registered method's name; choose another")
+        if not isinstance(settings, dict) or "method" not in settings:
+            raise KappaTuneError(f"variant {label!r}: needs the method it varies ({{'method': ...}})")
+        get_method(settings["method"])
+        for key in settings:
+            if key != "method" and (key not in fields or key in FIXED_FOR_VARIANTS):
+                raise KappaTuneError(f"variant {label!r}: {key!r} is not a setting a variant can change "
+                                     f"(TrainConfig fields except {', '.join(FIXED_FOR_VARIANTS)})")
+
+
+def base_method(cfg: LabConfig, label: str) -> str:
+    """The registered method behind a label (a variant's method, or the label itself)."""
+    return cfg.variants[label]["method"] if label in cfg.variants else label
 
 
 @dataclass(frozen=True)
@@ -151,8 +190,9 @@ def method_options_for(cfg: LabConfig, method: str) -> dict:
 
     from .methods import get_method
 
-    opts = dict(cfg.method_options.get(method, {}))
-    options = get_method(method).options
+    base = base_method(cfg, method)
+    opts = dict(cfg.method_options.get(method) or cfg.method_options.get(base) or {})
+    options = get_method(base).options
     known = {f.name for f in dataclasses.fields(options)} if options else set()
     for key, value in (("eval_chunks", cfg.max_chunks), ("eval_chunk_len", cfg.chunk_len)):
         if key in known:
@@ -163,12 +203,13 @@ def method_options_for(cfg: LabConfig, method: str) -> dict:
 def train_config(cfg: LabConfig, spec: RunSpec):
     from .train import TrainConfig
 
-    return TrainConfig(method=spec.method, budget_params=cfg.budget_params, epochs=cfg.epochs,
-                       max_steps=cfg.max_steps, lr=spec.lr, batch_size=cfg.batch_size, seed=spec.seed,
-                       save_steps=10_000, logging_steps=4, progress=cfg.progress,
-                       method_options=method_options_for(cfg, spec.method),
-                       monitor_every=cfg.monitor_every,
-                       **({"template": cfg.template} if cfg.template else {}))
+    settings = dict(epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size, save_steps=10_000,
+                    logging_steps=4, monitor_every=cfg.monitor_every,
+                    **({"template": cfg.template} if cfg.template else {}))
+    settings.update({k: v for k, v in cfg.variants.get(spec.method, {}).items() if k != "method"})
+    return TrainConfig(method=base_method(cfg, spec.method), budget_params=cfg.budget_params, lr=spec.lr,
+                       seed=spec.seed, progress=cfg.progress, method_options=method_options_for(cfg, spec.method),
+                       **settings)
 
 
 def _template(cfg: LabConfig):
@@ -321,7 +362,7 @@ def _check_budget(cfg: LabConfig, model, report_path: str) -> None:
 
     budget = parse_size(cfg.budget_params)
     report = KappaReport.load(report_path)
-    for m in cfg.methods:
+    for m in {base_method(cfg, label) for label in cfg.methods}:
         if order_of(m) is not None:
             selection_for(report, order_of(m), budget_params=budget)  # raises with the reason
         elif get_method(m).family == "adapter":
@@ -433,7 +474,7 @@ def analyse(cfg: LabConfig, base: dict, sweep: list[dict], seeded: list[dict], c
                   for m in cfg.methods}
     peer = best_peer(cfg, seeded)
     contrasts = []
-    for a, b in CONTRASTS:
+    for a, b in CONTRASTS + tuple(tuple(c.split(":", 1)) for c in cfg.contrasts):
         b = peer if b == "<best peer>" else b
         if b is None or a not in cfg.methods or b not in cfg.methods:
             continue
@@ -470,6 +511,11 @@ def markdown(out: dict) -> str:
     for m, figs in out["per_method"].items():
         cells = [_fmt_iv(figs[c], f) for c, f in cols]
         lines.append(f"| {m} | {out['chosen_lr'][m]:g} | {figs['accuracy']['n']} | " + " | ".join(cells) + " |")
+    variants = cfg.get("variants") or {}
+    if variants:
+        lines += ["", "Variants: " + "; ".join(
+            f"{label} = {v['method']} with " + ", ".join(f"{k}={x}" for k, x in v.items() if k != "method")
+            for label, v in variants.items())]
     lines += ["", "Paired contrasts (a - b, same seeds; 95% interval):", "",
               "| a | b | metric | n | mean [95% interval] | verdict |", "|---|---|---|---|---|---|"]
     for c in out["contrasts"]:

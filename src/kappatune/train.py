@@ -72,6 +72,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
     lora_rank: int | None = None               # None: matched to budget_params
     lora_alpha_ratio: float = 2.0              # alpha = ratio * rank (the paper: r=16, alpha=32)
+    lora_alpha: float | None = None            # a fixed alpha at every rank instead (PEFT's default is 8)
     lora_dropout: float = 0.0
     lora_count: int | None = None              # kappatune-lora: how many lowest-kappa modules (None: 20%)
     include: tuple[str, ...] = ()
@@ -92,6 +93,8 @@ class TrainConfig:
                 raise KappaTuneError(f"{k} must be positive, got {getattr(self, k)}")
         if self.lr <= 0:
             raise KappaTuneError(f"lr must be positive, got {self.lr}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise KappaTuneError(f"lora_alpha must be positive, got {self.lora_alpha}")
         if self.budget_params is not None:
             self.budget_params = parse_size(self.budget_params)
         self.lora_targets = tuple(self.lora_targets)

@@ -64,6 +64,12 @@ def _register_compare(sub) -> None:
     p.add_argument("--target-loss", type=float, help=_help("target_loss"))
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="an option of one method, e.g. corda-kpm:corpus=wikipedia (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD[,KEY=VALUE...]",
+                   help="a method with other training settings, compared under LABEL (repeatable), e.g. "
+                        "kappatune-lora-alpha8=kappatune-lora,lora_alpha=8; KEY: a kappatune train setting "
+                        "(lora_alpha, lora_rank, max_steps, ...); then name LABEL in --methods")
+    p.add_argument("--contrast", action="append", default=[], metavar="A:B",
+                   help="an extra paired contrast A - B between two compared methods or variants (repeatable)")
     p.add_argument("--template", help="prompt template (default the tweet template)")
     p.add_argument("--output", "-o", default="runs/compare")
     p.add_argument("--no-isolate", action="store_true", help="run in this process (peak memory is then cumulative)")
@@ -123,6 +129,29 @@ def _method_options(items: list[str]) -> dict:
     return out
 
 
+def _variants(items: list[str]) -> dict:
+    """--variant LABEL=METHOD,KEY=VALUE,... -> {label: {'method': METHOD, KEY: value}} (numbers read as JSON)."""
+    import json
+
+    out: dict = {}
+    for item in items:
+        label, sep, rest = item.partition("=")
+        method, *pairs = csv_list(rest) if sep else [""]
+        if not (label.strip() and method):
+            raise KappaTuneError(f"--variant {item!r}: expected LABEL=METHOD[,KEY=VALUE...]")
+        settings = {"method": method}
+        for pair in pairs:
+            key, sep2, value = pair.partition("=")
+            if not (sep2 and key):
+                raise KappaTuneError(f"--variant {item!r}: {pair!r} is not KEY=VALUE")
+            try:
+                settings[key.strip()] = json.loads(value)
+            except ValueError:
+                settings[key.strip()] = value
+        out[label.strip()] = settings
+    return out
+
+
 def cmd_compare(a) -> int:
     from ..data import parse_template
     from ..lab import LabConfig, analyse_existing, markdown, run_lab, write_outputs
@@ -134,7 +163,7 @@ def cmd_compare(a) -> int:
                     chunk_len=a.chunk_len, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
                     target_loss=a.target_loss, method_options=_method_options(a.method_option),
                     monitor_every=a.monitor_every, template=parse_template(a.template) or None, output=a.output,
-                    isolate=not a.no_isolate)
+                    isolate=not a.no_isolate, variants=_variants(a.variant), contrasts=tuple(a.contrast))
     with contextlib.redirect_stdout(sys.stderr):
         if a.analyse_only:
             out = analyse_existing(cfg)

@@ -59,6 +59,9 @@ def _register_train(sub) -> None:
     p.add_argument("--fsdp-config", help="FSDP config JSON (TrainingArguments.fsdp_config)")
     p.add_argument("--deepspeed", help="DeepSpeed config JSON (e.g. examples/distributed/ds_zero3.json)")
     p.add_argument("--lora-rank", type=int, help="fixed LoRA rank (default: matched to --budget-params)")
+    p.add_argument("--lora-alpha", type=float,
+                   help="fixed LoRA alpha at every rank (default: 2 x rank, equal scaling alpha/r; PEFT's own default "
+                        "is 8)")
     p.add_argument("--lora-targets", default=LORA_TARGETS_HELP)
     p.add_argument("--lora-count", type=int, help="kappatune-lora: number of lowest-kappa modules (default 20%%)")
     p.add_argument("--monitor-every", type=int, default=0,

@@ -58,12 +58,18 @@ def _peft():
     return peft
 
 
+def lora_alpha(cfg, rank: int) -> float:
+    """The LoRA alpha at ``rank``: the fixed ``cfg.lora_alpha`` if set, else ``lora_alpha_ratio * rank`` (equal
+    scaling alpha / r at every rank, so two placements at different ranks take updates of the same scale)."""
+    return float(cfg.lora_alpha) if cfg.lora_alpha is not None else cfg.lora_alpha_ratio * rank
+
+
 def _lora(model, ctx, cfg) -> Prepared:
     peft = _peft()
     mods = lora_modules(model, cfg.lora_targets)
     per_rank = sum(m.in_features + m.out_features for _, m in mods)
     r = cfg.lora_rank or (match_rank(per_rank, cfg.budget_params) if cfg.budget_params else 16)
-    lcfg = peft.LoraConfig(r=r, lora_alpha=cfg.lora_alpha_ratio * r, lora_dropout=cfg.lora_dropout,
+    lcfg = peft.LoraConfig(r=r, lora_alpha=lora_alpha(cfg, r), lora_dropout=cfg.lora_dropout,
                            target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
     return wrap(model, lcfg, {"rank": r, "alpha": lcfg.lora_alpha, "modules": len(mods)})
 
@@ -75,8 +81,12 @@ def _kappatune_lora(model, ctx, cfg) -> Prepared:
     lcfg, info = kappatune_lora_config(ctx.report(), budget_params=cfg.budget_params, count=cfg.lora_count,
                                        alpha_ratio=cfg.lora_alpha_ratio, dropout=cfg.lora_dropout)
     if cfg.lora_rank:
-        lcfg.r, lcfg.lora_alpha = cfg.lora_rank, cfg.lora_alpha_ratio * cfg.lora_rank
+        lcfg.r, lcfg.lora_alpha = cfg.lora_rank, lora_alpha(cfg, cfg.lora_rank)
         info["rank"] = cfg.lora_rank
+    if cfg.lora_alpha is not None:  # one alpha everywhere, the modules with one rank more included
+        lcfg.lora_alpha = float(cfg.lora_alpha)
+        lcfg.alpha_pattern = {k: float(cfg.lora_alpha) for k in lcfg.rank_pattern}
+    info["alpha"] = lcfg.lora_alpha
     return wrap(model, lcfg, info)
 
 

@@ -19,7 +19,7 @@ import torch
 from ..errors import KappaTuneError
 from ..integrations.peft import match_rank
 from .base import Prepared
-from .lora import lora_modules, wrap
+from .lora import lora_alpha, lora_modules, wrap
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def lora_variant(model, cfg, method: str, cost: Callable[[torch.nn.Linear], Rank
     peft = need_peft()
     mods = lora_modules(model, cfg.lora_targets)
     r, info = rank_for_budget(method, cfg, [cost(m) for _, m in mods])
-    lcfg = peft.LoraConfig(r=r, lora_alpha=cfg.lora_alpha_ratio * r, lora_dropout=cfg.lora_dropout,
+    lcfg = peft.LoraConfig(r=r, lora_alpha=lora_alpha(cfg, r), lora_dropout=cfg.lora_dropout,
                            target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM", **lora_kwargs)
     info.update(alpha=lcfg.lora_alpha, modules=len(mods), targets=list(cfg.lora_targets))
     if before_wrap is not None:
