@@ -61,6 +61,8 @@ def test_lab_protocol_sweep_choose_seed_contrast_and_resume(setup, monkeypatch):
     folder = setup["output"]
     md = open(os.path.join(folder, "results.md")).read()
     assert "Paired contrasts" in md and "[" in md
+    sweep_rows = md.split("Every finished sweep run")[1].strip().splitlines()[4:]
+    assert len(sweep_rows) == len(out["sweep"]) == 6 and all(row.startswith("| ") for row in sweep_rows)
     for png in ("frontier_ctrl1_txt.png", "frontier_ctrl2_txt.png", "kappa_monitor.png", "kappa_heatmap.png"):
         assert open(os.path.join(folder, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # a run killed midway (no result.json) is redone; finished runs are not
@@ -82,6 +84,12 @@ def test_lab_protocol_sweep_choose_seed_contrast_and_resume(setup, monkeypatch):
     assert part["missing"] == [killed.name]
     assert part["per_method"]["lora"]["accuracy"]["n"] == 1 and part["per_method"]["kappatune"]["accuracy"]["n"] == 2
     assert "Partial" in lab.markdown(part)
+    # before any sweep is complete: the single runs, and no table of means
+    for name in os.listdir(os.path.join(folder, "runs")):
+        if "seed0" in name and "1e-3" not in name.replace("0.001", "1e-3"):
+            os.remove(os.path.join(folder, "runs", name, "result.json"))
+    early = lab.markdown(lab.analyse_existing(cfg))
+    assert "No method has finished its learning-rate sweep yet" in early and "| kappatune | 0.001 |" in early
 
 
 def test_lab_isolated_subprocess(setup):

@@ -440,7 +440,8 @@ def analyse_existing(cfg: LabConfig) -> dict:
                 if done(RunSpec(m, lr, s)) is None]
     sub = dataclasses.replace(cfg, methods=tuple(complete)) if complete else cfg
     out = analyse(sub, base_figures(cfg), sweep, seeded, chosen) if complete else \
-        {"config": asdict(cfg), "sweep": sweep, "runs": [], "per_method": {}, "contrasts": []}
+        {"config": asdict(cfg), "base": base_figures(cfg), "chosen_lr": {}, "sweep": sweep, "runs": [],
+         "per_method": {}, "contrasts": []}
     out["missing"] = missing + [f"{m} (sweep incomplete)" for m in cfg.methods if m not in complete]
     return out
 
@@ -504,8 +505,12 @@ def markdown(out: dict) -> str:
     partial = [f"**Partial**: {len(out['missing'])} runs of the protocol are not done yet (e.g. "
                f"{', '.join(out['missing'][:3])}); the figures below use the finished ones.", ""] \
         if out.get("missing") else []
-    lines = partial + [f"base model: accuracy {base['accuracy']:.3f}; " +
-             "; ".join(f"{c} PPL {base[f'control_ppl[{c}]']:.2f}" for c in ctrl), "",
+    head = partial + [f"base model: accuracy {base['accuracy']:.3f}; " +
+                      "; ".join(f"{c} PPL {base[f'control_ppl[{c}]']:.2f}" for c in ctrl), ""]
+    if not out["per_method"]:
+        return "\n".join(head + ["No method has finished its learning-rate sweep yet: no chosen rate, no seeds, "
+                                 "no contrast."] + sweep_table(out)) + "\n"
+    lines = head + [
              "Per method at its chosen learning rate (mean [95% interval] over seeds):", "",
              "| method | lr | n | " + " | ".join(c for c, _ in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for m, figs in out["per_method"].items():
@@ -520,7 +525,27 @@ def markdown(out: dict) -> str:
               "| a | b | metric | n | mean [95% interval] | verdict |", "|---|---|---|---|---|---|"]
     for c in out["contrasts"]:
         lines.append(f"| {c['a']} | {c['b']} | {c['metric']} | {c['n']} | {_fmt_iv(c, '{:+.4f}')} | {c['verdict']} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + sweep_table(out)) + "\n"
+
+
+def sweep_table(out: dict) -> list[str]:
+    """Every finished sweep run (seed 0 at each rate of the grid): single runs, so no interval; the rows the
+    learning rate is chosen from (val accuracy) and the frontier is drawn from."""
+    ctrl = out["config"]["controls"]
+    if not out.get("sweep"):
+        return []
+    lines = ["", "Every finished sweep run (seed 0; single runs, no interval):", "",
+             "| method | lr | accuracy | val accuracy | " + " | ".join(f"dNLL {c}" for c in ctrl) +
+             " | gap | final train loss | trainable | kappa dlog10 (median) |",
+             "|---|---|---|---|" + "---|" * len(ctrl) + "---|---|---|---|"]
+    for r in sorted(out["sweep"], key=lambda r: (r["method"], r["lr"])):
+        cells = [f"{r['accuracy']:.3f}", f"{r['val_accuracy']:.3f}",
+                 *(f"{r[f'forgetting_dnll[{c}]']:+.4f}" for c in ctrl), f"{r['generalisation_gap']:+.2f}",
+                 "" if r.get("final_train_loss") is None else f"{r['final_train_loss']:.3f}",
+                 f"{r['trainable_params']:,}",
+                 "" if r.get("kappa_dlog10_median") is None else f"{r['kappa_dlog10_median']:+.4f}"]
+        lines.append(f"| {r['method']} | {r['lr']:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_outputs(cfg: LabConfig, out: dict) -> None:
