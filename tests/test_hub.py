@@ -222,3 +222,33 @@ def test_stream_shards_through_the_cli(remote, tmp_path, capsys):
     assert rep["source"]["kind"] == "hub-stream"
     assert [u["name"] for u in rep["units"]] == [u.name for u in kappatune.scan(str(remote["folder"]), cache=False).units]
     one_line_error(run("scan", str(remote["folder"]), "--stream-shards"), "--stream-shards applies to Hub ids")
+
+
+@pytest.mark.parametrize("error, needle", [
+    ("GatedRepoError", "gated repository; accept its terms"),
+    ("RepositoryNotFoundError", "no such repository on the Hub"),
+    ("RevisionNotFoundError", "org/x@v2: no such revision"),
+    ("LocalEntryNotFoundError", "the Hub cannot be reached"),
+])
+def test_hub_failures_become_one_line_errors(monkeypatch, error, needle):
+    """huggingface_hub's own exceptions (gated, missing, bad revision, no network) each become one line that says
+    what to do, from resolve and from the streaming source alike."""
+    from types import SimpleNamespace
+
+    import huggingface_hub as hh
+    import huggingface_hub.errors as errors
+    from kappatune.hub import resolve
+    from kappatune.hub_stream import StreamingHubSource
+
+    cls = getattr(errors, error)
+    exc = cls("boom") if error == "LocalEntryNotFoundError" else \
+        cls("boom", response=SimpleNamespace(headers={}, status_code=403, url="u", request=None))
+
+    def fail(*a, **kw):
+        raise exc
+
+    monkeypatch.setattr(hh, "snapshot_download", fail)
+    for build in (lambda: resolve("org/x", "v2"), lambda: StreamingHubSource("org/x", "v2")):
+        with pytest.raises(kappatune.KappaTuneError) as e:
+            build()
+        assert needle in str(e.value) and "\n" not in str(e.value)
