@@ -58,8 +58,20 @@ def test_lab_protocol_sweep_choose_seed_contrast_and_resume(setup, monkeypatch):
     assert c["n"] == 2 and c["mean"] == pytest.approx(sum(d) / 2)
     assert c["high"] - c["mean"] == pytest.approx(12.7062 * abs(d[0] - d[1]) / 2 ** 0.5 / 2 ** 0.5, rel=1e-3)
     assert ("kappatune", "lora", "accuracy") in con and c["verdict"] in ("separated", "not separated at this power")
+    # 5. does the kappa monitor's figure predict forgetting? (selective runs: every unique run of kappatune and
+    #    random-same-kind, recomputed here)
+    from statistics import correlation
+
+    kvf = out["kappa_vs_forgetting"]
+    sel = {(r["method"], r["lr"], r["seed"]): r for r in out["sweep"] + out["runs"]
+           if r["method"] in ("kappatune", "random-same-kind")}
+    assert kvf["runs"] == len(sel) == 6
+    xs = [r["info"]["kappa_monitor"]["mean_abs_dlog10_kappa"] for r in sel.values()]
+    ys = [r[f"forgetting_dnll[{cfg.controls[0]}]"] for r in sel.values()]
+    assert kvf[f"r[{cfg.controls[0]}]"]["r"] == pytest.approx(correlation(xs, ys))
     folder = setup["output"]
     md = open(os.path.join(folder, "results.md")).read()
+    assert "Kappa monitor over 6 selective runs" in md
     assert "Paired contrasts" in md and "[" in md
     sweep_rows = md.split("Every finished sweep run")[1].strip().splitlines()[4:]
     assert len(sweep_rows) == len(out["sweep"]) == 6 and all(row.startswith("| ") for row in sweep_rows)

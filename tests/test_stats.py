@@ -39,3 +39,14 @@ def test_pairing_removes_shared_seed_noise():
 def test_verdict_when_interval_covers_zero():
     assert verdict(paired_contrast({0: 1.0, 1: -1.0, 2: 0.5}, {0: 0.0, 1: 0.0, 2: 0.0})) == \
         "not separated at this power"
+
+
+def test_correlation_known_answer_and_fisher_interval():
+    from kappatune.stats import correlation
+
+    c = correlation([1, 2, 3, 4, 5, 6], [2, 4, 5, 4, 5, 7])
+    assert c.r == pytest.approx(0.878310, abs=1e-6) and c.n == 6
+    # Fisher z: tanh(atanh(r) -+ 1.959964 / sqrt(3))
+    assert (c.low, c.high) == (pytest.approx(0.232414, abs=1e-5), pytest.approx(0.986612, abs=1e-5))
+    assert math.isnan(correlation([1, 2, 3], [3, 1, 2]).low)          # too few pairs for an interval
+    assert correlation([1, 2, None, 4], [1, 2, 3, None]).n == 2       # pairs with a gap are dropped

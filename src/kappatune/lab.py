@@ -443,6 +443,7 @@ def analyse_existing(cfg: LabConfig) -> dict:
         {"config": asdict(cfg), "base": base_figures(cfg), "chosen_lr": {}, "sweep": sweep, "runs": [],
          "per_method": {}, "contrasts": []}
     out["missing"] = missing + [f"{m} (sweep incomplete)" for m in cfg.methods if m not in complete]
+    out["kappa_vs_forgetting"] = kappa_vs_forgetting(cfg, sweep + seeded)
     return out
 
 
@@ -467,6 +468,25 @@ def best_peer(cfg: LabConfig, seeded: list[dict]) -> str | None:
     return min(peers, key=lambda m: mean_interval(list(_by_seed(seeded, m, key).values())).mean)
 
 
+def kappa_vs_forgetting(cfg: LabConfig, runs: list[dict]) -> dict:
+    """Does the kappa monitor's figure predict forgetting? Over every finished run of a selective method (the
+    monitor then follows the trained weights themselves): Pearson r, with its 95% interval, between the mean
+    |change of log10 kappa| of the trained tensors and the forgetting (per-token CE increase) on each control
+    corpus; and the mean signed change of the median trained tensor (> 0: training raised kappa, "carving")."""
+    from .methods import get_method
+    from .stats import correlation, mean_interval
+
+    unique = {(r["method"], r["lr"], r["seed"]): r for r in runs}.values()
+    chosen = [r for r in unique if get_method(base_method(cfg, r["method"])).family == "selective"
+              and r.get("info", {}).get("kappa_monitor", {}).get("mean_abs_dlog10_kappa") is not None]
+    moved = [r["info"]["kappa_monitor"]["mean_abs_dlog10_kappa"] for r in chosen]
+    out = {"runs": len(chosen),
+           "median_dlog10_kappa": mean_interval([r.get("kappa_dlog10_median") for r in chosen]).to_dict()}
+    for c in cfg.controls:
+        out[f"r[{c}]"] = correlation(moved, [r.get(f"forgetting_dnll[{c}]") for r in chosen]).to_dict()
+    return out
+
+
 def analyse(cfg: LabConfig, base: dict, sweep: list[dict], seeded: list[dict], chosen: dict) -> dict:
     from .stats import mean_interval, paired_contrast, verdict
 
@@ -483,7 +503,8 @@ def analyse(cfg: LabConfig, base: dict, sweep: list[dict], seeded: list[dict], c
             iv = paired_contrast(_by_seed(seeded, a, k), _by_seed(seeded, b, k))
             contrasts.append({"a": a, "b": b, "metric": k, **iv.to_dict(), "verdict": verdict(iv)})
     return _finite({"config": asdict(cfg), "base": base, "chosen_lr": chosen, "best_peer": peer,
-                    "per_method": per_method, "contrasts": contrasts, "sweep": sweep, "runs": seeded})
+                    "per_method": per_method, "contrasts": contrasts, "sweep": sweep, "runs": seeded,
+                    "kappa_vs_forgetting": kappa_vs_forgetting(cfg, sweep + seeded)})
 
 
 def _fmt_iv(iv: dict, fmt: str) -> str:
@@ -509,7 +530,7 @@ def markdown(out: dict) -> str:
                       "; ".join(f"{c} PPL {base[f'control_ppl[{c}]']:.2f}" for c in ctrl), ""]
     if not out["per_method"]:
         return "\n".join(head + ["No method has finished its learning-rate sweep yet: no chosen rate, no seeds, "
-                                 "no contrast."] + sweep_table(out)) + "\n"
+                                 "no contrast."] + monitor_lines(out) + sweep_table(out)) + "\n"
     lines = head + [
              "Per method at its chosen learning rate (mean [95% interval] over seeds):", "",
              "| method | lr | n | " + " | ".join(c for c, _ in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
@@ -525,7 +546,25 @@ def markdown(out: dict) -> str:
               "| a | b | metric | n | mean [95% interval] | verdict |", "|---|---|---|---|---|---|"]
     for c in out["contrasts"]:
         lines.append(f"| {c['a']} | {c['b']} | {c['metric']} | {c['n']} | {_fmt_iv(c, '{:+.4f}')} | {c['verdict']} |")
-    return "\n".join(lines + sweep_table(out)) + "\n"
+    return "\n".join(lines + monitor_lines(out) + sweep_table(out)) + "\n"
+
+
+def monitor_lines(out: dict) -> list[str]:
+    kvf = out.get("kappa_vs_forgetting")
+    if not kvf or kvf["runs"] < 3:
+        return []
+    med = kvf["median_dlog10_kappa"]
+    cells = [f"{c}: r = {_fmt_r(kvf[f'r[{c}]'])}" for c in out["config"]["controls"]]
+    return ["", f"Kappa monitor over {kvf['runs']} selective runs: the median trained tensor's log10 kappa moved by "
+                f"{_fmt_iv(med, '{:+.4f}')} (> 0: training raised kappa); mean |change| against forgetting (dNLL), "
+                + "; ".join(cells) + "."]
+
+
+def _fmt_r(c: dict) -> str:
+    if c.get("r") is None:
+        return "n/a"
+    iv = "" if c.get("low") is None else f" [{c['low']:+.2f}, {c['high']:+.2f}]"
+    return f"{c['r']:+.2f}{iv} (n = {c['n']})"
 
 
 def sweep_table(out: dict) -> list[str]:

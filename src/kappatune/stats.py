@@ -61,3 +61,30 @@ def verdict(iv: Interval) -> str:
     if iv.low > 0 or iv.high < 0:
         return "separated"
     return "not separated at this power"
+
+
+@dataclass
+class Correlation:
+    r: float        # Pearson correlation
+    low: float      # 95% interval (Fisher z); nan when fewer than four pairs
+    high: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def correlation(xs: list[float], ys: list[float], level: float = 0.95) -> Correlation:
+    """Pearson r of paired values with its Fisher-z interval (pairs with a missing value are dropped)."""
+    from scipy.stats import norm
+
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys)
+             if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y))]
+    n = len(pairs)
+    if n < 3:
+        return Correlation(float("nan"), float("nan"), float("nan"), n)
+    r = statistics.correlation([p[0] for p in pairs], [p[1] for p in pairs])
+    if n < 4 or abs(r) >= 1:
+        return Correlation(r, float("nan"), float("nan"), n)
+    z, half = math.atanh(r), float(norm.ppf(0.5 + level / 2)) / math.sqrt(n - 3)
+    return Correlation(r, math.tanh(z - half), math.tanh(z + half), n)
