@@ -31,13 +31,25 @@ def tweet_dataset(n: int) -> Dataset:
     """The built-in labelled tweets as TRL's prompt-completion rows (the loss falls on the completion only)."""
     template = PromptTemplate()
     rows, _ = demo_tweets(n, 0)
-    return Dataset.from_list([{"prompt": template.prompt(r), "completion": template.answer(r)} for r in rows])
+    out = []
+    for r in rows:
+        # "...Sentiment:" + " positive": the space belongs to the answer's first token, so the prompt's tokens are
+        # a prefix of prompt + completion's (TRL checks that)
+        prompt = template.prompt(r)
+        stripped = prompt.rstrip(" ")
+        out.append({"prompt": stripped, "completion": prompt[len(stripped):] + template.answer(r)})
+    return Dataset.from_list(out)
 
 
 def sft_config(output: str, steps: int, lr: float) -> SFTConfig:
+    # TRL defaults to bf16 and activation checkpointing: both only cost time on a CPU (bf16 autocast was several
+    # times slower here), so they are on with CUDA only; checkpointing non-reentrant, because with frozen
+    # embeddings reentrant checkpointing would silently cut the selected tensors' gradients.
+    cuda = torch.cuda.is_available()
     return SFTConfig(output_dir=output, max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
-                     logging_steps=5, report_to="none", save_strategy="no", max_length=256,
-                     use_cpu=not torch.cuda.is_available())
+                     logging_steps=5, report_to="none", save_strategy="no", max_length=256, use_cpu=not cuda,
+                     bf16=cuda, gradient_checkpointing=cuda, gradient_checkpointing_kwargs={"use_reentrant": False},
+                     loss_type="nll")  # plain token cross-entropy, as kappatune train (TRL's chunked one saves GPU memory)
 
 
 def sft_with_selection(model, tokenizer, report, data, *, budget: str, args: SFTConfig) -> SFTTrainer:
