@@ -145,6 +145,7 @@ def test_train_speech_recipe_end_to_end(tmp_path):
     # evaluations before training and every 2 steps, each with WER and the control perplexity
     assert [h["step"] for h in res["history"]] == [0, 2, 4]
     assert res["history"][0]["dppl"] == 0 and all("wer" in h and "control_ppl" in h for h in res["history"])
+    assert all(h["audio_gap"] == pytest.approx(h["loss_wrong_audio"] - h["loss_right_audio"]) for h in res["history"])
     assert [x["step"] for x in res["losses"]] == [1, 2, 3, 4]
     # only the adaptor and the 2 selected LLM tensors moved
     assert res["trainable"]["llm_tensors"] == 2
@@ -302,3 +303,30 @@ def test_train_speech_picks_llm_tensors_through_the_method_registry(order):
     assert sorted(n for n, p in llm.named_parameters() if p.requires_grad) == sorted(want.names)
     assert prepare_llm(llm, order, 0, seed=1) is None
     assert not any(p.requires_grad for p in llm.parameters())
+
+
+def test_audio_use_compares_right_and_wrong_audio_per_token():
+    """audio_use: the token-weighted teacher-forced loss with each clip's audio and with the next clip's; with
+    the same audio everywhere the two are equal (the gap measures use of the audio's content, nothing else)."""
+    from kappatune.multimodal.speech_train import audio_use
+
+    llm, tok = make_lm("llama")
+    model = SpeechLLM(_tiny_encoder(), llm, subsample=4, heads=4, layers=2)
+    torch.manual_seed(1)
+    frames = [torch.randn(n, 16) for n in (8, 12, 6)]
+    refs = ["hi there", "ok", "good day to you"]
+    got = audio_use(model, tok, frames, refs, batch_size=2)
+    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in refs]
+
+    def per_token(audio):
+        total = sum(float(model.forward_frames([a], [x], tok.bos_token_id, tok.eos_token_id).loss) * (len(x) + 1)
+                    for a, x in zip(audio, ids))
+        return total / sum(len(x) + 1 for x in ids)
+
+    model.eval()
+    assert got["loss_right_audio"] == pytest.approx(per_token(frames), rel=1e-5)
+    assert got["loss_wrong_audio"] == pytest.approx(per_token(frames[1:] + frames[:1]), rel=1e-5)
+    assert got["audio_gap"] == pytest.approx(got["loss_wrong_audio"] - got["loss_right_audio"])
+    same = audio_use(model, tok, [frames[0]] * 3, refs)
+    assert same["audio_gap"] == pytest.approx(0.0, abs=1e-6)
+    assert audio_use(model, tok, frames[:1], refs[:1]) == {}

@@ -144,6 +144,33 @@ def evaluate_frames(model, tok, frames: list[torch.Tensor], refs: list[str], max
                 examples=[{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:n_examples]])
 
 
+@torch.no_grad()
+def audio_use(model, tok, frames: list[torch.Tensor], refs: list[str], batch_size: int = 8) -> dict:
+    """Does the model listen? The teacher-forced loss per text token with each clip's own audio, and with the
+    audio of the next clip (texts paired with the wrong audio). Their gap is ~0 while the adaptor only tells
+    the LLM "a sentence follows", and grows once the content of the audio is used: a signal long before WER
+    falls below 1."""
+    if len(frames) < 2:
+        return {}
+    was_training = model.training
+    model.eval()
+    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in refs]
+    wrong = frames[1:] + frames[:1]
+    sums = {"right": 0.0, "wrong": 0.0}
+    tokens = sum(len(x) + 1 for x in ids)  # + EOS: every text token and the end are predicted
+    try:
+        for i in range(0, len(frames), batch_size):
+            for key, audio in (("right", frames), ("wrong", wrong)):
+                out = model.forward_frames(audio[i:i + batch_size], ids[i:i + batch_size], tok.bos_token_id,
+                                           tok.eos_token_id)
+                n = sum(len(x) + 1 for x in ids[i:i + batch_size])
+                sums[key] += float(out.loss) * n
+    finally:
+        model.train(was_training)
+    right, wrong_loss = sums["right"] / tokens, sums["wrong"] / tokens
+    return {"loss_right_audio": right, "loss_wrong_audio": wrong_loss, "audio_gap": wrong_loss - right}
+
+
 def evaluate_speech(model, tok, rows, extractor, n_frames: int, max_new_tokens: int = 48, batch_size: int = 8):
     """WER/CER of greedy transcripts of ``rows`` (audio through the frozen encoder)."""
     frames = encode_clips(model, extractor, rows, n_frames, batch_size=batch_size)
@@ -291,8 +318,8 @@ def _eval_callback(model, tok, test_frames, test_refs, control, base_ppl, cfg: S
             rec = measure(model, tok, test_frames, test_refs, control, base_ppl, cfg)
             rec["step"] = state.global_step
             state.log_history.append(rec)
-            log.info("step %d: WER %.3f CER %.3f%s", state.global_step, rec.get("wer", float("nan")),
-                     rec.get("cer", float("nan")),
+            log.info("step %d: WER %.3f CER %.3f audio gap %.3f nats%s", state.global_step,
+                     rec.get("wer", float("nan")), rec.get("cer", float("nan")), rec.get("audio_gap", float("nan")),
                      f" control ppl {rec['control_ppl']:.3f} (+{rec['dppl']:.3f})" if "dppl" in rec else "")
             return control_
 
@@ -306,6 +333,7 @@ def measure(model, tok, test_frames, test_refs, control, base_ppl, cfg: SpeechTr
     if test_frames:
         r = evaluate_frames(model, tok, test_frames, test_refs, cfg.max_new_tokens)
         rec.update(wer=r["wer"], cer=r["cer"], clips=r["clips"], examples=r["examples"])
+        rec.update(audio_use(model, tok, test_frames, test_refs))
     if control is not None:
         ppl = perplexity(model.llm, tok, chunks=control)["ppl"]
         rec.update(control_ppl=ppl, dppl=ppl - base_ppl)
