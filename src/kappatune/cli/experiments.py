@@ -42,7 +42,7 @@ def _register_compare(sub) -> None:
                     "the accuracy-vs-forgetting frontier and the kappa monitor plots. Finished runs are kept: an "
                     "interrupted compare resumes.",
         example="kappatune compare smollm2 --methods kappatune,random-same-kind,lora,osf --seeds 5 -o runs/lab")
-    p.add_argument("model", help="local model folder, a Hub id org/name, or 'smollm2'")
+    p.add_argument("model", help="local model folder, a Hub id org/name, or 'smollm2' / 'gemma3' (built-in)")
     p.add_argument("--revision", help=_help("revision"))
     p.add_argument("--methods", default=",".join(LabConfig.methods), help="comma-separated training methods")
     p.add_argument("--seeds", type=int, default=LabConfig.seeds, help=_help("seeds"))

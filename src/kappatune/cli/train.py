@@ -32,7 +32,7 @@ def _register_train(sub) -> None:
                     "random) run through the same recipe for fair comparisons. Resumes from the last checkpoint "
                     "when run again; Ctrl-C saves one.",
         example="kappatune train path/to/model --data train.jsonl --budget-params 20M -o out/")
-    p.add_argument("model", help="local model folder (config.json + safetensors), a Hub id org/name, or 'smollm2' "
+    p.add_argument("model", help="local model folder (config.json + safetensors), a Hub id org/name, or 'smollm2' / 'gemma3' "
                                  "(built-in)")
     p.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
     p.add_argument("--data", required=True, help="training data: .jsonl, .csv or .txt")
@@ -142,7 +142,7 @@ def _register_eval(sub) -> None:
                     "between task test and train perplexity. A readable table goes to stderr, JSON to stdout "
                     "or --output.",
         example="kappatune eval out/model --control wikipedia --task test.jsonl --baseline path/to/model")
-    p.add_argument("model", help="local model folder, a Hub id org/name, or 'smollm2'")
+    p.add_argument("model", help="local model folder, a Hub id org/name, or 'smollm2' / 'gemma3' (built-in)")
     p.add_argument("--revision", help="Hub branch, tag or commit of MODEL (Hub ids only)")
     p.add_argument("--control", help="control text: a .txt file, 'wikipedia' or 'news' (built-in samples)")
     p.add_argument("--task", help="task test set (.jsonl/.csv) for label accuracy and test PPL")
