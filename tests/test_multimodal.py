@@ -121,11 +121,11 @@ def _wav_manifest(tmp_path, texts, name="m.jsonl"):
     return tmp_path / name
 
 
-def _speech_setup(seed=0):
+def _speech_setup(seed=0, ctc_weight=0.0):
     enc = _tiny_encoder()
     llm, tok = make_lm("llama", seed=seed)
     kappatune.apply(llm, kappatune.select(kappatune.scan(llm, cache=False), count=2))
-    return SpeechLLM(enc, llm, subsample=4, heads=4, layers=2), tok
+    return SpeechLLM(enc, llm, subsample=4, heads=4, layers=2, ctc_weight=ctc_weight), tok
 
 
 def test_train_speech_recipe_end_to_end(tmp_path):
@@ -161,8 +161,10 @@ def test_train_speech_recipe_end_to_end(tmp_path):
     assert ev["wer"] == pytest.approx(res["final"]["wer"]) and ev["cer"] == pytest.approx(res["final"]["cer"])
 
 
-def test_train_speech_resume_is_exact(tmp_path):
-    """Stopping after 2 of 4 steps and rerunning gives bit-identical adaptor and LLM weights."""
+@pytest.mark.parametrize("ctc_weight", [0.0, 0.5])
+def test_train_speech_resume_is_exact(tmp_path, ctc_weight):
+    """Stopping after 2 of 4 steps and rerunning gives bit-identical adaptor and LLM weights (with the auxiliary
+    CTC head too: it is in the checkpoints, and left out of the final model/)."""
     from safetensors.torch import load_file
     from transformers import WhisperFeatureExtractor
 
@@ -172,15 +174,16 @@ def test_train_speech_resume_is_exact(tmp_path):
     fe = WhisperFeatureExtractor(feature_size=8)
 
     def run(out, max_steps):
-        model, tok = _speech_setup()
+        model, tok = _speech_setup(ctc_weight=ctc_weight)
         cfg = SpeechTrainConfig(max_steps=max_steps, batch_size=2, lr=1e-2, adaptor_lr=3e-3, scheduler="constant",
-                                save_steps=2, weight_decay=0.1)
+                                save_steps=2, weight_decay=0.1, ctc_weight=ctc_weight)
         train_speech(model, tok, fe, manifest, [], str(out), cfg, n_frames=24)
         return model
 
     straight = run(tmp_path / "a", 4)
     run(tmp_path / "b", 2)
     assert (tmp_path / "b" / "checkpoints" / "checkpoint-2" / "adaptor.safetensors").exists()
+    ckpt = load_file(str(tmp_path / "b" / "checkpoints" / "checkpoint-2" / "adaptor.safetensors"))
     resumed = run(tmp_path / "b", 4)  # resumes from checkpoint-2
     sa, sb = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -190,6 +193,41 @@ def test_train_speech_resume_is_exact(tmp_path):
     # and it did train: the adaptor differs from a fresh one
     fresh, _ = _speech_setup()
     assert not all(torch.equal(fresh.adaptor.state_dict()[k], a[k]) for k in a)
+    assert any(k.startswith("ctc_head.") for k in ckpt) == (ctc_weight > 0)
+    assert not any(k.startswith("ctc_head.") for k in a)
+    if ctc_weight:  # the head trained, and the saved model reloads without it
+        assert not torch.equal(fresh_head(ctc_weight)["ctc_head.proj.weight"], sb["adaptor.ctc_head.proj.weight"])
+        from kappatune.multimodal.speech_train import load_speech_model
+
+        again, _, cfg = load_speech_model(str(tmp_path / "b" / "model"), _tiny_encoder())
+        assert again.adaptor.ctc_head is None and cfg["ctc_weight"] == 0.0
+
+
+def fresh_head(ctc_weight):
+    return _speech_setup(ctc_weight=ctc_weight)[0].adaptor.state_dict()
+
+
+def test_ctc_targets_and_loss_reach_the_adaptor_outputs():
+    """char_targets: lower case, spoken symbols only, single spaces; the model's loss with char_ids is the LM
+    loss plus ctc_weight x the CTC loss, whose gradient reaches the adaptor's projection."""
+    from kappatune.multimodal.ctc import CHARS, char_targets
+
+    assert "".join(CHARS[i - 1] for i in char_targets("  Hello,  World! It's 42. ")) == "hello world it's 42"
+    model, tok = _speech_setup(ctc_weight=0.5)
+    torch.manual_seed(0)
+    frames = [torch.randn(12, 16), torch.randn(8, 16)]
+    texts = ["go left", "stop"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    chars = [char_targets(t) for t in texts]
+    plain = model.forward_frames(frames, ids, tok.bos_token_id, tok.eos_token_id).loss
+    both = model.forward_frames(frames, ids, tok.bos_token_id, tok.eos_token_id, char_ids=chars).loss
+    lens = torch.tensor([12, 8])
+    audio, alens = model.adaptor(torch.nn.utils.rnn.pad_sequence(frames, batch_first=True), lens)
+    ctc = model.adaptor.ctc_head.loss(audio, alens, chars)
+    assert both.item() == pytest.approx(plain.item() + 0.5 * ctc.item(), rel=1e-5) and ctc.item() > 0
+    model.adaptor.proj.weight.grad = None
+    ctc.backward()
+    assert model.adaptor.proj.weight.grad.abs().sum() > 0
 
 
 def test_train_and_eval_speech_cli(tmp_path, lm_folder):

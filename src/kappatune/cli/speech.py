@@ -46,6 +46,9 @@ def _register_train_speech(sub) -> None:
     p.add_argument("--save-steps", type=int, default=100)
     p.add_argument("--adaptor-heads", type=int, default=None, help="default: the LLM's attention heads")
     p.add_argument("--adaptor-layers", type=int, default=2)
+    p.add_argument("--ctc-weight", type=float, default=0.0,
+                   help="weight of an auxiliary CTC loss of the adaptor's outputs against the transcript's "
+                        "characters (a small head, dropped from model/ after training); 0: the paper's recipe")
     p.add_argument("--frames-cache", help="folder for the frozen encoder's cached frames (default "
                                           "~/.cache/kappatune/speech-frames or $KAPPATUNE_SPEECH_CACHE_DIR; 'none')")
     p.add_argument("--seed", type=int, default=0)
@@ -59,7 +62,7 @@ def cmd_train_speech(a) -> int:
     loop = SpeechTrainConfig(epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, adaptor_lr=a.adaptor_lr,
                              batch_size=a.batch_size, grad_accum=a.grad_accum, warmup_steps=a.warmup_steps,
                              seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit,
-                             control_chunks=a.control_chunks, save_steps=a.save_steps)
+                             control_chunks=a.control_chunks, save_steps=a.save_steps, ctc_weight=a.ctc_weight)
     run = SpeechRun(model=a.model, manifest=a.manifest, output=a.output, test=a.test, encoder=a.encoder,
                     order=a.order, budget_params=a.budget_params, adaptor_heads=a.adaptor_heads,
                     adaptor_layers=a.adaptor_layers, control=a.control, frames_cache=a.frames_cache, seed=a.seed,

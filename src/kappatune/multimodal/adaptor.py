@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ctc import CharCTCHead
+
 
 def sinusoidal_positions(n: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]  # (n, 1)
@@ -37,7 +39,7 @@ class SpeechAdaptor(nn.Module):
     """(B, T, enc_dim) encoder frames -> (B, ceil(T / subsample), llm_dim) LLM input embeddings."""
 
     def __init__(self, enc_dim: int, llm_dim: int, *, subsample: int = 4, heads: int = 8, layers: int = 2,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, ctc_head: bool = False):
         super().__init__()
         if llm_dim % heads:
             raise ValueError(f"llm_dim {llm_dim} is not divisible by heads {heads}")
@@ -45,6 +47,8 @@ class SpeechAdaptor(nn.Module):
         self.proj = nn.Linear(enc_dim * subsample, llm_dim)
         self.norm = nn.LayerNorm(llm_dim)
         self.blocks = nn.ModuleList(_AttentionBlock(llm_dim, heads, dropout) for _ in range(layers))
+        # training aid only (multimodal/ctc.py): saved in checkpoints so a resume is exact, dropped from model/
+        self.ctc_head = CharCTCHead(llm_dim, subsample) if ctc_head else None
 
     def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return torch.div(lengths + self.subsample - 1, self.subsample, rounding_mode="floor")

@@ -17,14 +17,16 @@ class SpeechLLM(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, llm: nn.Module, *, subsample: int = 4, heads: int = 8,
-                 layers: int = 2, frames_per_feature: int = 2):
+                 layers: int = 2, frames_per_feature: int = 2, ctc_weight: float = 0.0):
         super().__init__()
         self.encoder = encoder
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         enc_dim = encoder.config.d_model
         llm_dim = llm.get_input_embeddings().embedding_dim
-        self.adaptor = SpeechAdaptor(enc_dim, llm_dim, subsample=subsample, heads=heads, layers=layers)
+        self.adaptor = SpeechAdaptor(enc_dim, llm_dim, subsample=subsample, heads=heads, layers=layers,
+                                     ctc_head=ctc_weight > 0)
+        self.ctc_weight = ctc_weight  # weight of the auxiliary character CTC loss (0: the paper's plain recipe)
         self.llm = llm
         self.frames_per_feature = frames_per_feature  # Whisper's conv stem halves the mel frames
         self.bos_id: int | None = None
@@ -46,21 +48,26 @@ class SpeechLLM(nn.Module):
         return [frames[i, : int(min(lens[i], frames.shape[1]))] for i in range(frames.shape[0])]
 
     def forward_frames(self, frames: list[torch.Tensor], text_ids: list[list[int]], bos_id: int | None = None,
-                       eos_id: int | None = None):
-        """Loss from cached encoder frames (list of (T_i, enc_dim))."""
+                       eos_id: int | None = None, char_ids: list[list[int]] | None = None):
+        """Loss from cached encoder frames (list of (T_i, enc_dim)); with ``char_ids`` (the transcripts'
+        characters, ``ctc.char_targets``) and a CTC head, plus ``ctc_weight`` x the character CTC loss."""
         lens = torch.tensor([f.shape[0] for f in frames], device=frames[0].device)
         padded = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
         audio, alens = self.adaptor(padded, lens)
-        return self._lm(audio, alens, text_ids, bos_id, eos_id)
+        out = self._lm(audio, alens, text_ids, bos_id, eos_id)
+        if char_ids is not None and self.adaptor.ctc_head is not None and self.ctc_weight > 0:
+            out.loss = out.loss + self.ctc_weight * self.adaptor.ctc_head.loss(audio, alens, char_ids)
+        return out
 
     def forward(self, features=None, feature_lens=None, text_ids: list[list[int]] | None = None,
-                bos_id: int | None = None, eos_id: int | None = None, frames: list[torch.Tensor] | None = None):
+                bos_id: int | None = None, eos_id: int | None = None, frames: list[torch.Tensor] | None = None,
+                char_ids: list[list[int]] | None = None):
         """LM loss of the text given the audio: from log-mel ``features`` (+ ``feature_lens``) through the frozen
         encoder, or from cached encoder ``frames``. BOS/EOS default to the ids set on the model."""
         if text_ids is None:
             raise ValueError("text_ids is required")
         if frames is not None:
-            return self.forward_frames(frames, text_ids, bos_id, eos_id)
+            return self.forward_frames(frames, text_ids, bos_id, eos_id, char_ids)
         audio, alens = self.encode(features, feature_lens)
         return self._lm(audio, alens, text_ids, bos_id, eos_id)
 

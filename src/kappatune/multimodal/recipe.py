@@ -74,7 +74,7 @@ def run_train_speech(run: SpeechRun) -> dict:
     sel = prepare_llm(llm, run.order, budget, run.seed)
     torch.manual_seed(run.seed)  # the same adaptor initialisation whatever the selection (ablations compare)
     model = SpeechLLM(encoder, llm, heads=run.adaptor_heads or max(1, llm.config.num_attention_heads),
-                      layers=run.adaptor_layers)
+                      layers=run.adaptor_layers, ctc_weight=run.train.ctc_weight)
     fe, n_frames = feature_extractor(encoder)
     os.makedirs(run.output, exist_ok=True)
     if sel is not None:

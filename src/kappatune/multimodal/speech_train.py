@@ -28,6 +28,7 @@ import torch
 
 from .._io import atomic_write_json
 from ..errors import KappaTuneError, TrainingInterrupted
+from .ctc import char_targets
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class SpeechTrainConfig:
     save_total_limit: int = 1
     logging_steps: int = 10
     control_chunks: int = 8      # 256-token chunks of the control text for the forgetting measurement
+    ctc_weight: float = 0.0      # auxiliary character CTC loss on the adaptor's outputs (0: the paper's recipe)
     progress: bool = False
 
     def __post_init__(self):
@@ -207,21 +209,26 @@ class SpeechTrainConfig:
             raise KappaTuneError("learning rates must be positive")
         if self.eval_every < 0:
             raise KappaTuneError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.ctc_weight < 0:
+            raise KappaTuneError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
 
 
 class _FramesDataset(torch.utils.data.Dataset):
-    def __init__(self, frames, text_ids):
-        self.frames, self.text_ids = frames, text_ids
+    def __init__(self, frames, text_ids, char_ids=None):
+        self.frames, self.text_ids, self.char_ids = frames, text_ids, char_ids
 
     def __len__(self):
         return len(self.frames)
 
     def __getitem__(self, i):
-        return {"frames": self.frames[i], "text_ids": self.text_ids[i]}
+        item = {"frames": self.frames[i], "text_ids": self.text_ids[i]}
+        if self.char_ids is not None:
+            item["char_ids"] = self.char_ids[i]
+        return item
 
 
 def _collate(batch):
-    return {"frames": [b["frames"] for b in batch], "text_ids": [b["text_ids"] for b in batch]}
+    return {k: [b[k] for b in batch] for k in batch[0]}
 
 
 def _trainer_cls():
@@ -247,17 +254,20 @@ def _trainer_cls():
     return SpeechTrainer
 
 
-def save_speech_model(model, tok, folder: str, meta: dict | None = None) -> None:
-    """Write adaptor.safetensors, adaptor.json and llm/ (save_pretrained + tokenizer) into ``folder``."""
+def save_speech_model(model, tok, folder: str, meta: dict | None = None, *, keep_aux: bool = True) -> None:
+    """Write adaptor.safetensors, adaptor.json and llm/ (save_pretrained + tokenizer) into ``folder``;
+    ``keep_aux=False`` leaves out the training-only CTC head (the final model does not need it)."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.adaptor.state_dict().items()},
-              os.path.join(folder, ADAPTOR_WEIGHTS))
     ad = model.adaptor
+    keep_ctc = keep_aux and ad.ctc_head is not None
+    save_file({k: v.detach().contiguous() for k, v in ad.state_dict().items()
+               if keep_ctc or not k.startswith("ctc_head.")}, os.path.join(folder, ADAPTOR_WEIGHTS))
     cfg = {"enc_dim": ad.proj.in_features // ad.subsample, "llm_dim": ad.proj.out_features,
            "subsample": ad.subsample, "heads": ad.blocks[0].attn.num_heads if len(ad.blocks) else 1,
-           "layers": len(ad.blocks), "frames_per_feature": model.frames_per_feature, **(meta or {})}
+           "layers": len(ad.blocks), "frames_per_feature": model.frames_per_feature,
+           "ctc_weight": model.ctc_weight if keep_ctc else 0.0, **(meta or {})}
     with open(os.path.join(folder, ADAPTOR_CONFIG), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     model.llm.save_pretrained(os.path.join(folder, "llm"))
@@ -295,8 +305,8 @@ def load_speech_model(folder: str, encoder):
     if encoder.config.d_model != cfg["enc_dim"]:
         raise KappaTuneError(f"the encoder's width {encoder.config.d_model} differs from the adaptor's {cfg['enc_dim']}")
     model = SpeechLLM(encoder, llm, subsample=cfg["subsample"], heads=cfg["heads"],
-                      layers=cfg["layers"],
-                      frames_per_feature=cfg.get("frames_per_feature", 2))
+                      layers=cfg["layers"], frames_per_feature=cfg.get("frames_per_feature", 2),
+                      ctc_weight=cfg.get("ctc_weight", 0.0))
     from safetensors.torch import load_file
 
     model.adaptor.load_state_dict(load_file(os.path.join(folder, ADAPTOR_WEIGHTS)))
@@ -351,6 +361,7 @@ class _SpeechData:
     eval_count: int              # the first N test clips are evaluated during training (all at the end)
     control: list | None         # tokenised control chunks for the LLM's perplexity
     base_ppl: float | None
+    char_ids: list | None = None  # the transcripts' characters, for the auxiliary CTC loss
 
 
 def _prepare_data(model, tok, extractor, train_rows, test_rows, cfg: SpeechTrainConfig, n_frames: int,
@@ -367,8 +378,9 @@ def _prepare_data(model, tok, extractor, train_rows, test_rows, cfg: SpeechTrain
         train_frames = [f.to("cuda") for f in train_frames]
         test_frames = [f.to("cuda") for f in test_frames]
     n_eval = min(cfg.eval_limit, len(test_rows)) if cfg.eval_limit else len(test_rows)
+    char_ids = [char_targets(r["text"]) for r in train_rows] if cfg.ctc_weight > 0 else None
     return _SpeechData(train_frames, text_ids, test_frames, [r["text"] for r in test_rows], n_eval, control,
-                       base_ppl)
+                       base_ppl, char_ids)
 
 
 def _optimizer(model, cfg: SpeechTrainConfig) -> torch.optim.Optimizer:
@@ -423,6 +435,9 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
     if handle is not None and handle.slice_rows:
         raise KappaTuneError("train-speech does not train single experts inside fused MoE tensors yet; "
                              "select whole tensors (kappatune select --no-slices) for a MoE LLM")
+    if (cfg.ctc_weight > 0) != (model.adaptor.ctc_head is not None) or model.ctc_weight != cfg.ctc_weight:
+        raise KappaTuneError(f"ctc_weight {cfg.ctc_weight} differs from the model's ({model.ctc_weight}): build the "
+                             f"SpeechLLM with ctc_weight={cfg.ctc_weight}")
     set_seed(cfg.seed)
     model.bos_id, model.eos_id = tok.bos_token_id, tok.eos_token_id
     if model.bos_id is None or model.eos_id is None:
@@ -441,7 +456,7 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
         atomic_write_json(start_path, rec0)
     stopper = GracefulStopCallback()
     evaluator = _eval_callback(model, tok, sub_frames, sub_refs, data.control, data.base_ppl, cfg)
-    trainer = _trainer_cls()(model=model, args=args, train_dataset=_FramesDataset(data.train_frames, data.text_ids),
+    trainer = _trainer_cls()(model=model, args=args, train_dataset=_FramesDataset(data.train_frames, data.text_ids, data.char_ids),
                              data_collator=_collate, optimizers=(_optimizer(model, cfg), None),
                              callbacks=[stopper, evaluator])
     trainer.speech_tokenizer = tok
@@ -463,7 +478,7 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
     history, losses = _history(start_path, trainer.state.log_history)
     if not args.should_save:
         return {}
-    save_folder(os.path.join(out_dir, "model"), lambda tmp: save_speech_model(model, tok, tmp, meta))
+    save_folder(os.path.join(out_dir, "model"), lambda tmp: save_speech_model(model, tok, tmp, meta, keep_aux=False))
     n_llm = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
     res = {"steps": trainer.state.global_step, "wall_s": wall,
            "train_loss": float(out.training_loss) if out.training_loss is not None else None,

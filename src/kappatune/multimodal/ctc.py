@@ -1,0 +1,52 @@
+"""An auxiliary alignment loss for the adaptor (optional, ``--ctc-weight``): CTC of the adaptor's outputs
+against the transcript's characters, through a small head that is dropped after training.
+
+Why characters: the LLM's 49k-token embedding matrix as a CTC vocabulary aligned slowly (issue 15's
+measurements); 38 symbols are learnt from far fewer examples. Why ``subsample`` symbols per position: after
+4x subsampling a 4.5 s clip has ~56 adaptor positions but ~70 characters, more than CTC can emit one per
+position, so each position predicts ``subsample`` consecutive CTC frames (the head's output is reshaped to
+the encoder's own frame rate). The loss reaches the adaptor's output vectors, the ones the LLM reads, and
+pushes them to carry the content of the audio rather than a style prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'"
+CTC_VOCAB = len(CHARS) + 1  # + the CTC blank (id 0)
+
+
+def char_targets(text: str) -> list[int]:
+    """Ids 1..len(CHARS) of the transcript's characters: lower-cased, other symbols dropped, runs of spaces
+    collapsed (punctuation is not spoken)."""
+    out: list[int] = []
+    for c in text.lower():
+        if c not in CHARS:
+            continue
+        if c == " " and (not out or out[-1] == 1):
+            continue
+        out.append(CHARS.index(c) + 1)
+    while out and out[-1] == 1:
+        out.pop()
+    return out
+
+
+class CharCTCHead(nn.Module):
+    """(B, T, dim) adaptor outputs -> CTC log-probabilities over (B, T * per_position, CTC_VOCAB)."""
+
+    def __init__(self, dim: int, per_position: int):
+        super().__init__()
+        self.per_position = per_position
+        self.proj = nn.Linear(dim, per_position * CTC_VOCAB)
+
+    def loss(self, x: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+        """Mean CTC loss per target character over the batch (clips whose audio is too short for their text
+        contribute 0 instead of inf)."""
+        b, t, _ = x.shape
+        logp = self.proj(x).float().view(b, t * self.per_position, CTC_VOCAB).log_softmax(-1).transpose(0, 1)
+        flat = torch.tensor([i for tgt in targets for i in tgt], dtype=torch.long, device=x.device)
+        tgt_lens = torch.tensor([len(tgt) for tgt in targets], dtype=torch.long, device=x.device)
+        return nn.functional.ctc_loss(logp, flat, lengths * self.per_position, tgt_lens, blank=0,
+                                      reduction="mean", zero_infinity=True)
