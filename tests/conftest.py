@@ -59,6 +59,7 @@ class ConvNet(torch.nn.Module):
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KAPPATUNE_CACHE_DIR", str(tmp_path / "kt-cache"))
     monkeypatch.setenv("KAPPATUNE_SPEECH_CACHE_DIR", str(tmp_path / "kt-speech-cache"))
+    monkeypatch.setenv("KAPPATUNE_CORDA_CACHE", str(tmp_path / "kt-corda-cache"))
 
 
 def np_kappa(mat) -> float:

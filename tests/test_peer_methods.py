@@ -168,3 +168,31 @@ def test_unknown_method_option_is_refused(tmp_path):
         with pytest.raises(KappaTuneError, match="takes no method options"):
             TrainConfig(method=name, method_options={"rank": "4"})
     assert set(PEER_METHODS) <= set(METHODS)
+
+
+def test_corda_decomposition_is_cached_and_reused_bit_for_bit(tmp_path):
+    """A second corda-kpm run on the same weights, calibration chunks and rank (another learning rate or seed in
+    the lab) loads CorDA's decomposition instead of running the covariance pass, and starts from the very same
+    adapter; other weights miss the cache."""
+    from kappatune.methods import MethodContext, get_method
+
+    opts = _corda_options(tmp_path)
+    cfg = TrainConfig(method="corda-kpm", budget_params=BUDGET, progress=False, method_options=opts)
+
+    def prepared(seed):
+        model, tok = make_lm(seed=seed)
+        calls = []
+        model.register_forward_hook(lambda *a: calls.append(1))
+        prep = get_method("corda-kpm").prepare(model, MethodContext(lambda: None, tok), cfg)
+        return prep, len(calls)
+
+    first, forwards = prepared(0)
+    again, forwards_again = prepared(0)
+    assert forwards == 8 and forwards_again == 0
+    assert not first.info["corda"]["decomposition_cached"] and again.info["corda"]["decomposition_cached"]
+    a, b = dict(first.model.named_parameters()), dict(again.model.named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    other, forwards_other = prepared(1)
+    assert forwards_other == 8 and not other.info["corda"]["decomposition_cached"]
+    assert len(list((tmp_path / "kt-corda-cache").glob("*.pt"))) == 2
+    assert not list((tmp_path / "kt-corda-cache").glob("*.tmp"))

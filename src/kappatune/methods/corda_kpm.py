@@ -45,6 +45,9 @@ class CordaKpmOptions:
         "help": "tokens per evaluation chunk (keep it >= the --chunk-len forgetting is measured with)"})
     tokenizer: str = field(default="", metadata={
         "help": "tokenizer folder for the corpus (default: the run's tokenizer, else the model's folder)"})
+    cache: bool = field(default=True, metadata={
+        "help": "keep CorDA's decomposition on disk (keyed by the weights, the calibration chunks, the rank and "
+                "the targets), so runs that differ only in learning rate or seed skip the covariance pass"})
 
     def __post_init__(self):
         self.corpus = (self.corpus or "").strip()
@@ -142,10 +145,37 @@ def _covariance(model, lora_config, opts: CordaKpmOptions, run_tokenizer=None) -
         for chunk in split.chunks:
             model(input_ids=torch.tensor([chunk], device=device), use_cache=False)
 
+    cached = _decomposition_file(model, lora_config, split) if opts.cache else None
+    hit = cached is not None and os.path.exists(cached)
+    if cached is not None:  # PEFT writes the file itself: into a temporary name, renamed once complete
+        lora_config.corda_config.cache_file = cached if hit else f"{cached}.{os.getpid()}.tmp"
     preprocess_corda(model, lora_config, run_model=run_model)
+    if cached is not None and not hit:
+        os.replace(lora_config.corda_config.cache_file, cached)
     return {"corda": {"mode": "kpm", "corpus": opts.corpus, "calib_chunks": len(split.chunks),
                       "chunk_len": opts.chunk_len, "calib_tokens": [split.start, split.end],
-                      "reserved_eval_tokens": split.eval_end}}
+                      "reserved_eval_tokens": split.eval_end, "decomposition_cached": hit}}
+
+
+def _decomposition_file(model, lora_config, split) -> str:
+    """Where CorDA's decomposition for exactly this input is kept: a digest of every weight, the calibration
+    chunks, the rank, the target modules and PEFT's version (PEFT loads it with torch.load, weights only)."""
+    import hashlib
+    import json
+
+    import peft
+
+    from ..freeze import snapshot
+    from ..paths import cache_dir
+
+    key = json.dumps({"weights": sorted(snapshot(model, only_frozen=False).items()),
+                      "chunks": hashlib.sha256(json.dumps(split.chunks).encode()).hexdigest(),
+                      "r": lora_config.r, "rank_pattern": lora_config.rank_pattern,
+                      "targets": sorted(lora_config.target_modules), "method": lora_config.corda_config.corda_method,
+                      "peft": peft.__version__})
+    folder = cache_dir("corda", "KAPPATUNE_CORDA_CACHE")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt")
 
 
 def _prepare(model, ctx, cfg) -> Prepared:
