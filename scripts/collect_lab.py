@@ -1,6 +1,12 @@
-"""Copy a compare run's small raw files (base.json, chosen_lrs.json, results.json, each run's result.json,
-selection.json and kappa_monitor.json summary) into a folder that is committed, so tables can be regenerated
-without rerunning. Usage: python scripts/collect_lab.py runs/lab-smollm2 docs/results/lab-smollm2"""
+"""Copy a compare run's small raw files (base.json, chosen_lrs.json, each run's result.json, selection.json,
+manifest.json and kappa_monitor.json summary) into a folder that is committed, so the tables can be
+regenerated there without rerunning (the lab's --analyse-only with -o that folder writes results.md/.json).
+
+With a third argument, a markdown file, that folder's results.md replaces the text between <!-- NAME:begin --> and <!-- NAME:end -->
+in that file, NAME being the folder's name: the document's tables then come from the raw files.
+    python scripts/collect_lab.py runs/lab-smollm2 docs/results/lab-smollm2
+    bash scripts/lab_smollm2.sh --analyse-only -o docs/results/lab-smollm2
+    python scripts/collect_lab.py runs/lab-smollm2 docs/results/lab-smollm2 docs/results.md"""
 
 import json
 import os
@@ -10,7 +16,7 @@ import sys
 
 def main(src: str, dst: str) -> None:
     os.makedirs(os.path.join(dst, "runs"), exist_ok=True)
-    for name in ("base.json", "chosen_lrs.json", "results.json", "results.md"):
+    for name in ("base.json", "chosen_lrs.json"):  # results.* are regenerated in DST by --analyse-only
         if os.path.exists(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
     n = 0
@@ -34,5 +40,23 @@ def main(src: str, dst: str) -> None:
     print(f"{n} finished runs copied to {dst}")
 
 
+def embed(results_md: str, doc: str, name: str) -> None:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    with open(doc, encoding="utf-8") as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc}: no {begin} ... {end} markers")
+    with open(results_md, encoding="utf-8") as f:
+        table = f.read().strip()
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(doc, "w", encoding="utf-8") as f:
+        f.write(f"{head}{begin}\n{table}\n{end}{tail}")
+    print(f"{doc}: {name} tables replaced from {results_md}")
+
+
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    if len(sys.argv) > 3:
+        dst = sys.argv[2].rstrip("/")
+        embed(os.path.join(dst, "results.md"), sys.argv[3], os.path.basename(dst))
