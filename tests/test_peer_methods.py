@@ -196,3 +196,28 @@ def test_corda_decomposition_is_cached_and_reused_bit_for_bit(tmp_path):
     assert forwards_other == 8 and not other.info["corda"]["decomposition_cached"]
     assert len(list((tmp_path / "kt-corda-cache").glob("*.pt"))) == 2
     assert not list((tmp_path / "kt-corda-cache").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("method", ["osf", "lora"])
+def test_kappa_monitor_follows_the_merged_weight_of_peft_layers(method):
+    """The monitor reads W + delta of each adapted layer (OSF's factors are orthonormal, kappa 1: following
+    them would say nothing about the weight); at initialisation the delta is 0, so the base weights come back,
+    and after a change of the adapter the merged weight follows PEFT's own get_delta_weight."""
+    from kappatune.methods import MethodContext, get_method
+    from kappatune.monitor import trained_matrices
+
+    model, tok = make_lm()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    targets = {f"{n}.weight" for n in _targets(model)}
+    prep = get_method(method).prepare(model, MethodContext(lambda: None, tok),
+                                      TrainConfig(method=method, budget_params=BUDGET, progress=False))
+    mats = trained_matrices(prep.model)
+    assert mats and set(mats) == targets
+    for n, w in mats.items():
+        assert torch.allclose(w, original[n], atol=1e-5), n
+    with torch.no_grad():
+        for p in prep.model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    moved = trained_matrices(prep.model)
+    assert any(not torch.allclose(moved[n], original[n], atol=1e-5) for n in moved)

@@ -2,8 +2,9 @@
 
 The paper calls low-kappa tensors "raw marble" that fine-tuning may carve. ``KappaMonitor`` records, for every
 trained weight matrix, kappa, log-volume (eq. 6) and the entropy deficit from the kappa = 1 maximum
-(Theorem 1) before training, every ``every`` optimizer steps, and after training. For PEFT LoRA layers it
-follows the merged weight W + scale * B A (what the model will actually use), not the adapter factors.
+(Theorem 1) before training, every ``every`` optimizer steps, and after training. For PEFT adapter layers
+(LoRA and its variants, OSF) it follows the merged weight W + delta (what the model computes with), not the
+adapter factors; for DoRA that is the LoRA part without its magnitude rescaling.
 
 Use it with any HF ``Trainer`` (``callbacks=[KappaMonitor(every=10, output="kappa_monitor.json")]``);
 ``kappatune train --monitor-every N`` adds it and writes ``kappa_monitor.json`` beside the model.
@@ -32,25 +33,36 @@ def _as_matrix(w: torch.Tensor) -> torch.Tensor | None:
     return w.detach().reshape(w.shape[0], -1)
 
 
-def _lora_merged(model) -> dict[str, torch.Tensor]:
-    """{base weight name: merged weight} for every PEFT LoRA layer with a weight of its own."""
+def _peft_merged(model) -> dict[str, torch.Tensor]:
+    """{base weight name: merged weight} for every PEFT adapter layer with a weight of its own and a
+    ``get_delta_weight`` (LoRA and its variants, OSF): the weight the model computes with, W + delta."""
     try:
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
         return {}
     out = {}
     for name, m in model.named_modules():
-        if not isinstance(m, LoraLayer) or getattr(m, "parameter_name", None):
+        if not isinstance(m, BaseTunerLayer) or getattr(m, "parameter_name", None):
             continue  # fused-expert parameter wrappers: no single weight matrix to follow
+        deltas = [d for d in (_delta(m, a) for a in m.active_adapters) if d is not None]
+        if not deltas:
+            continue
         base = m.get_base_layer().weight.detach()
-        delta = sum((m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A), torch.zeros_like(base))
-        out[name.replace("base_model.model.", "", 1) + ".weight"] = base + delta.to(base.dtype)
+        out[name.replace("base_model.model.", "", 1) + ".weight"] = base + sum(deltas).to(base.dtype)
     return out
 
 
+def _delta(layer, adapter: str) -> torch.Tensor | None:
+    """The layer's weight delta for ``adapter``, or None where the layer holds no such adapter."""
+    try:
+        return layer.get_delta_weight(adapter).detach()
+    except (KeyError, AttributeError, NotImplementedError):
+        return None
+
+
 def trained_matrices(model) -> dict[str, torch.Tensor]:
-    """The weight matrices training changes: LoRA-merged weights, else every trainable >= 2-D parameter."""
-    merged = _lora_merged(model)
+    """The weight matrices training changes: PEFT-merged weights, else every trainable >= 2-D parameter."""
+    merged = _peft_merged(model)
     if merged:
         return merged
     out = {}
