@@ -60,6 +60,7 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KAPPATUNE_CACHE_DIR", str(tmp_path / "kt-cache"))
     monkeypatch.setenv("KAPPATUNE_SPEECH_CACHE_DIR", str(tmp_path / "kt-speech-cache"))
     monkeypatch.setenv("KAPPATUNE_CORDA_CACHE", str(tmp_path / "kt-corda-cache"))
+    monkeypatch.setenv("KAPPATUNE_TEXT_CACHE", str(tmp_path / "kt-text-cache"))
 
 
 def np_kappa(mat) -> float:

@@ -368,3 +368,18 @@ def test_audio_use_compares_right_and_wrong_audio_per_token():
     same = audio_use(model, tok, [frames[0]] * 3, refs)
     assert same["audio_gap"] == pytest.approx(0.0, abs=1e-6)
     assert audio_use(model, tok, frames[:1], refs[:1]) == {}
+
+
+def test_wikipedia_text_is_parsed_once_then_read_from_the_cache(monkeypatch, tmp_path):
+    pytest.importorskip("gensim")
+    from kappatune import data
+
+    first = data.wikipedia_text()
+    assert first.startswith(data.wikipedia_text(max_articles=3))
+    assert len(list((tmp_path / "kt-text-cache").glob("wikipedia-*.txt"))) == 1
+
+    def no_parsing(*a, **kw):
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(data, "_parse_wikipedia", no_parsing)
+    assert data.wikipedia_text() == first

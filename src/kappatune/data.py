@@ -286,9 +286,27 @@ def demo_tweets(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], l
 
 
 def wikipedia_text(max_articles: int | None = None) -> str:
-    """Plain text of the Wikipedia sample shipped in gensim's test data (articles >= 500 characters)."""
+    """Plain text of the Wikipedia sample shipped in gensim's test data (articles >= 500 characters). The
+    markup filter takes ~10 s, so the whole text is kept in the cache once made (keyed by the file)."""
     d = _package_dir("gensim", "pip install gensim==4.4.0")
     path = os.path.join(d, "test", "test_data", "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    if max_articles:
+        return _parse_wikipedia(path, max_articles)
+    st = os.stat(path)
+    key = hashlib.sha256(f"{path}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    cached = os.path.join(cache_dir("text", "KAPPATUNE_TEXT_CACHE"), f"wikipedia-{key}.txt")
+    if os.path.exists(cached):
+        with open(cached, encoding="utf-8") as f:
+            return f.read()
+    text = _parse_wikipedia(path, None)
+    from ._io import atomic_write_text
+
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    atomic_write_text(cached, text)
+    return text
+
+
+def _parse_wikipedia(path: str, max_articles: int | None) -> str:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
     import bz2
 
