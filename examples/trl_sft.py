@@ -49,7 +49,9 @@ def sft_config(output: str, steps: int, lr: float) -> SFTConfig:
     return SFTConfig(output_dir=output, max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
                      logging_steps=5, report_to="none", save_strategy="no", max_length=256, use_cpu=not cuda,
                      bf16=cuda, gradient_checkpointing=cuda, gradient_checkpointing_kwargs={"use_reentrant": False},
-                     loss_type="nll")  # plain token cross-entropy, as kappatune train (TRL's chunked one saves GPU memory)
+                     # TRL's default loss computes the LM head in checkpointed chunks to save GPU memory; on a CPU
+                     # the plain token cross-entropy (as kappatune train) is simpler and no slower
+                     loss_type=None if cuda else "nll")
 
 
 def sft_with_selection(model, tokenizer, report, data, *, budget: str, args: SFTConfig) -> SFTTrainer:
