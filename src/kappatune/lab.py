@@ -443,7 +443,7 @@ def analyse_existing(cfg: LabConfig) -> dict:
         {"config": asdict(cfg), "base": base_figures(cfg), "chosen_lr": {}, "sweep": sweep, "runs": [],
          "per_method": {}, "contrasts": []}
     out["missing"] = missing + [f"{m} (sweep incomplete)" for m in cfg.methods if m not in complete]
-    out["kappa_vs_forgetting"] = kappa_vs_forgetting(cfg, sweep + seeded)
+    out["kappa_vs_forgetting"] = _finite(kappa_vs_forgetting(cfg, sweep + seeded))
     return out
 
 
@@ -561,9 +561,12 @@ def monitor_lines(out: dict) -> list[str]:
 
 
 def _fmt_r(c: dict) -> str:
-    if c.get("r") is None:
+    def missing(x) -> bool:
+        return x is None or (isinstance(x, float) and math.isnan(x))
+
+    if missing(c.get("r")):
         return "n/a"
-    iv = "" if c.get("low") is None else f" [{c['low']:+.2f}, {c['high']:+.2f}]"
+    iv = " (no interval below 4 runs)" if missing(c.get("low")) else f" [{c['low']:+.2f}, {c['high']:+.2f}]"
     return f"{c['r']:+.2f}{iv} (n = {c['n']})"
 
 
