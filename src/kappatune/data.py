@@ -214,11 +214,17 @@ def smollm2_fp32(progress: bool = True) -> str:
     return gguf_fp32(smollm2_gguf(), "smollm2-135m-instruct")
 
 
+def _file_key(path: str, length: int) -> str:
+    """A short key for a file's current version (its path, size and modification time): names a cache entry
+    derived from it, so a changed file gets a new entry."""
+    st = os.stat(path)
+    return hashlib.sha256(f"{path}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:length]
+
+
 def gguf_fp32(gguf_path: str, stem: str) -> str:
     """A GGUF model dequantised once into a cached fp32 safetensors folder (keyed by the file's path, size and
     time): transformers will not save a model loaded from GGUF, so the weights go into a clean model first."""
-    st = os.stat(gguf_path)
-    key = hashlib.sha256(f"{gguf_path}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:10]
+    key = _file_key(gguf_path, 10)
     out = os.path.join(models_cache_dir(), f"{stem}-fp32-{key}")
     if os.path.exists(os.path.join(out, "model.safetensors")) and os.path.exists(os.path.join(out, "DONE")):
         return out
@@ -292,8 +298,7 @@ def wikipedia_text(max_articles: int | None = None) -> str:
     path = os.path.join(d, "test", "test_data", "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     if max_articles:
         return _parse_wikipedia(path, max_articles)
-    st = os.stat(path)
-    key = hashlib.sha256(f"{path}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    key = _file_key(path, 12)
     cached = os.path.join(cache_dir("text", "KAPPATUNE_TEXT_CACHE"), f"wikipedia-{key}.txt")
     if os.path.exists(cached):
         with open(cached, encoding="utf-8") as f:

@@ -48,14 +48,13 @@ class StreamingHubSource(Source):
             raise KappaTuneError(explain_hub_error(repo_id, revision, e)) from None
         self.model_type = _model_type(meta_folder)
         self.shard_of = dict(remote.weight_map)                # tensor name -> shard file name
-        self.shards = list(dict.fromkeys(sorted(remote.files_metadata)))
+        self.shards = sorted(remote.files_metadata)
         self._entries = [Entry(name, tuple(info.shape), st_dtype_name(info.dtype))
                          for shard in self.shards
                          for name, info in sorted(remote.files_metadata[shard].tensors.items())]
         self.workdir = tempfile.mkdtemp(prefix="kappatune-shards-")
         self._on_disk: OrderedDict[str, tuple[str, dict, bool]] = OrderedDict()  # shard -> (path, header, ours)
         self._lock = threading.Lock()
-        self.downloads = 0
 
     def entries(self) -> list[Entry]:
         return list(self._entries)
@@ -85,7 +84,6 @@ class StreamingHubSource(Source):
                 path = hh.hf_hub_download(self.repo_id, shard, revision=self.revision, local_dir=self.workdir)
             except Exception as e:
                 raise KappaTuneError(explain_hub_error(self.repo_id, self.revision, e)) from None
-            self.downloads += 1
             ours = True
         self._on_disk[shard] = (path, read_safetensors_header(path), ours)
         return self._on_disk[shard]

@@ -441,9 +441,8 @@ def analyse_existing(cfg: LabConfig) -> dict:
     sub = dataclasses.replace(cfg, methods=tuple(complete)) if complete else cfg
     out = analyse(sub, base_figures(cfg), sweep, seeded, chosen) if complete else \
         {"config": asdict(cfg), "base": base_figures(cfg), "chosen_lr": {}, "sweep": sweep, "runs": [],
-         "per_method": {}, "contrasts": []}
+         "per_method": {}, "contrasts": [], "kappa_vs_forgetting": _finite(kappa_vs_forgetting(cfg, sweep))}
     out["missing"] = missing + [f"{m} (sweep incomplete)" for m in cfg.methods if m not in complete]
-    out["kappa_vs_forgetting"] = _finite(kappa_vs_forgetting(cfg, sweep + seeded))
     return out
 
 
