@@ -42,8 +42,8 @@ def tweet_dataset(n: int) -> Dataset:
 
 
 def sft_config(output: str, steps: int, lr: float) -> SFTConfig:
-    # TRL defaults to bf16 and activation checkpointing: both only cost time on a CPU (bf16 autocast was several
-    # times slower here), so they are on with CUDA only; checkpointing non-reentrant, because with frozen
+    # TRL defaults to bf16 and activation checkpointing: both are meant for GPUs (a CPU without bf16 units gains
+    # nothing from either), so they are on with CUDA only; checkpointing non-reentrant, because with frozen
     # embeddings reentrant checkpointing would silently cut the selected tensors' gradients.
     cuda = torch.cuda.is_available()
     return SFTConfig(output_dir=output, max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
