@@ -6,7 +6,12 @@ With a third argument, a markdown file, that folder's results.md replaces the te
 in that file, NAME being the folder's name: the document's tables then come from the raw files.
     python scripts/collect_lab.py runs/lab-smollm2 docs/results/lab-smollm2
     bash scripts/lab_smollm2.sh --analyse-only -o docs/results/lab-smollm2
-    python scripts/collect_lab.py runs/lab-smollm2 docs/results/lab-smollm2 docs/results.md"""
+    python scripts/collect_lab.py runs/lab-smollm2 docs/results/lab-smollm2 docs/results.md
+
+The other way, on a fresh clone (runs/ is not committed), --restore puts the committed results back where the
+lab looks for finished runs, so rerunning the lab continues it instead of retraining what is already measured:
+    python scripts/collect_lab.py --restore docs/results/lab-smollm2 runs/lab-smollm2
+A run already present in the destination is left as it is."""
 
 import json
 import os
@@ -55,7 +60,27 @@ def embed(results_md: str, doc: str, name: str) -> None:
     print(f"{doc}: {name} tables replaced from {results_md}")
 
 
+def restore(saved: str, dst: str) -> None:
+    """Copy the committed runs (result.json is the lab's done marker) and base/chosen-rate files into DST."""
+    os.makedirs(os.path.join(dst, "runs"), exist_ok=True)
+    for name in ("base.json", "chosen_lrs.json"):
+        if os.path.exists(os.path.join(saved, name)) and not os.path.exists(os.path.join(dst, name)):
+            shutil.copy2(os.path.join(saved, name), os.path.join(dst, name))
+    n = 0
+    for run in sorted(os.listdir(os.path.join(saved, "runs"))):
+        if os.path.exists(os.path.join(dst, "runs", run, "result.json")):
+            continue
+        out = os.path.join(dst, "runs", run)
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished run's leftovers
+        shutil.copytree(os.path.join(saved, "runs", run), out)
+        n += 1
+    print(f"{n} finished runs restored into {dst}")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--restore"]:
+        restore(*sys.argv[2:4])
+        sys.exit(0)
     main(*sys.argv[1:3])
     if len(sys.argv) > 3:
         dst = sys.argv[2].rstrip("/")

@@ -9,6 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# runs/ is not committed: put the committed finished runs back first, so the lab continues instead of restarting
+if [ -d docs/results/lab-gemma3/runs ]; then
+  .venv/bin/python scripts/collect_lab.py --restore docs/results/lab-gemma3 runs/lab-gemma3 >&2
+fi
 exec .venv/bin/kappatune compare gemma3 \
   --methods kappatune,random-same-kind,lora,osf,corda-kpm,full \
   --method-option corda-kpm:corpus=wikipedia --seeds 3 --max-steps 32 --train-size 256 \

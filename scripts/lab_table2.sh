@@ -11,6 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# runs/ is not committed: put the committed finished runs back first, so the lab continues instead of restarting
+if [ -d docs/results/lab-smollm2/runs ]; then
+  .venv/bin/python scripts/collect_lab.py --restore docs/results/lab-smollm2 runs/lab-smollm2 >&2
+fi
 STEPS=${STEPS:-16}
 LONG=$(( STEPS * 7 / 2 ))
 exec .venv/bin/kappatune compare smollm2 \

@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import toy_rows
-from conftest import one_line_error, run
+from conftest import one_line_error, run, run_torchrun
 
 
 def _write_jsonl(path, rows):
@@ -92,17 +92,15 @@ def test_frozen_tensor_callback_catches_a_moved_frozen_tensor(tmp_path):
 def test_two_process_ddp_training(lm_folder, tmp_path):
     """torchrun with 2 CPU processes (gloo DDP): frozen tensors bit-identical, both ranks end identical."""
     import shutil
-    import subprocess
 
-    exe, kt = shutil.which("torchrun"), shutil.which("kappatune")
-    if exe is None or kt is None:
-        pytest.skip("torchrun / kappatune entry point not on PATH")
+    kt = shutil.which("kappatune")
+    if kt is None:
+        pytest.skip("kappatune entry point not on PATH")
     data = _write_jsonl(tmp_path / "train.jsonl", toy_rows(16))
     out = tmp_path / "out"
-    r = subprocess.run([exe, "--nproc_per_node=2", "--master_port=29534", "--no-python", kt, "train",
-                        str(lm_folder), "--data", str(data), "--budget-params", "3k", "--max-steps", "3",
-                        "--batch-size", "2", "--lr", "0.01", "--weight-decay", "0.1", "-o", str(out),
-                        "--no-progress"], capture_output=True, text=True, timeout=600)
+    r = run_torchrun("--no-python", kt, "train", str(lm_folder), "--data", str(data), "--budget-params", "3k",
+                     "--max-steps", "3", "--batch-size", "2", "--lr", "0.01", "--weight-decay", "0.1",
+                     "-o", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
     assert man["world_size"] == 2 and man["ranks_identical"] is True and man["frozen_verified"]

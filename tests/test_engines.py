@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kappatune
-from conftest import make_lm, toy_rows
+from conftest import make_lm, run_torchrun, toy_rows
 from kappatune.errors import KappaTuneError
 
 
@@ -89,18 +89,14 @@ def test_fsdp2_two_cpu_processes_train_the_selection_like_one_process(tmp_path):
     """FSDP2 (fully_shard per decoder layer) on 2 gloo processes: frozen tensors bit-identical, the selected
     ones equal to single-process training on both ranks' batches, and scanning a sharded model is refused."""
     import os
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
     import fsdp2_worker
 
     here = os.path.dirname(os.path.abspath(__file__))
-    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([exe, "--nproc_per_node=2", "--master_port=29536", os.path.join(here, "fsdp2_worker.py"),
-                        str(tmp_path / "fsdp")], capture_output=True, text=True, env=env, timeout=240)
+    r = run_torchrun(os.path.join(here, "fsdp2_worker.py"), str(tmp_path / "fsdp"), env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((tmp_path / "fsdp.json").read_text())
     got = load_file(str(tmp_path / "fsdp.safetensors"))
@@ -145,13 +141,12 @@ def test_deepspeed_zero3_two_cpu_processes_match_ddp(lm_folder, tmp_path):
     pytest.importorskip("deepspeed")
     import os
     import shutil
-    import subprocess
 
     from safetensors.torch import load_file
 
-    exe, kt = shutil.which("torchrun"), shutil.which("kappatune")
-    if exe is None or kt is None:
-        pytest.skip("torchrun / kappatune entry point not on PATH")
+    kt = shutil.which("kappatune")
+    if kt is None:
+        pytest.skip("kappatune entry point not on PATH")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(16)))
     ds_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "distributed",
@@ -159,10 +154,9 @@ def test_deepspeed_zero3_two_cpu_processes_match_ddp(lm_folder, tmp_path):
     outs = {}
     for name, extra in (("zero3", ["--deepspeed", ds_cfg]), ("ddp", [])):
         out = tmp_path / name
-        r = subprocess.run([exe, "--nproc_per_node=2", "--master_port=29537", "--no-python", kt, "train",
-                            str(lm_folder), "--data", str(data), "--budget-params", "3k", "--max-steps", "3",
-                            "--batch-size", "2", "--lr", "0.01", "-o", str(out), "--no-progress", *extra],
-                           capture_output=True, text=True, timeout=600)
+        r = run_torchrun("--no-python", kt, "train", str(lm_folder), "--data", str(data), "--budget-params", "3k",
+                         "--max-steps", "3", "--batch-size", "2", "--lr", "0.01", "-o", str(out), "--no-progress",
+                         *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         man = json.loads((out / "manifest.json").read_text())
         assert man["world_size"] == 2 and man["ranks_identical"] is True and man["frozen_verified"]

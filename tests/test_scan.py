@@ -6,7 +6,7 @@ import torch
 
 import kappatune
 from kappatune.units import parse_slice_name
-from conftest import ConvNet, make_model, np_kappa
+from conftest import ConvNet, make_model, np_kappa, run_torchrun
 
 
 def _reference_units(model):
@@ -262,19 +262,16 @@ def test_two_process_scan_equals_single_process(tmp_path):
     """`kappatune scan` under torchrun with 2 CPU processes (gloo): rank 0 writes the same report."""
     import json
     import shutil
-    import subprocess
 
     model = make_model("olmoe")
     model.save_pretrained(tmp_path / "m")
     single = kappatune.scan(str(tmp_path / "m"), cache=False)
-    exe = shutil.which("torchrun")
     kt = shutil.which("kappatune")
-    if exe is None or kt is None:
-        pytest.skip("torchrun / kappatune entry point not on PATH")
+    if kt is None:
+        pytest.skip("kappatune entry point not on PATH")
     out = tmp_path / "r.json"
-    r = subprocess.run([exe, "--nproc_per_node=2", "--master_port=29533", "--no-python", kt, "scan",
-                        str(tmp_path / "m"), "-o", str(out), "--no-cache", "--no-progress"],
-                       capture_output=True, text=True, timeout=300)
+    r = run_torchrun("--no-python", kt, "scan", str(tmp_path / "m"), "-o", str(out), "--no-cache",
+                     "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     assert d["structure_fingerprint"] == single.structure_fingerprint
