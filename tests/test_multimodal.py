@@ -230,6 +230,73 @@ def test_ctc_targets_and_loss_reach_the_adaptor_outputs():
     assert model.adaptor.proj.weight.grad.abs().sum() > 0
 
 
+def test_ctc_loss_matches_a_hand_count_of_alignments():
+    """With a zero head every CTC frame is uniform over the 39 symbols, so the loss is -log(number of valid
+    alignments / 39^T) divided by the target length (reduction 'mean'). 'ab' over T=3 frames has 5 alignments
+    (aab, abb, _ab, a_b, ab_); 'a' over T=2 has 3 (aa, _a, a_); text longer than the frames costs 0, not inf."""
+    import math
+
+    from kappatune.multimodal.ctc import CTC_VOCAB, CharCTCHead, char_targets
+
+    assert CTC_VOCAB == 39
+    head = CharCTCHead(4, per_position=1)
+    torch.nn.init.zeros_(head.proj.weight)
+    torch.nn.init.zeros_(head.proj.bias)
+    x = torch.randn(1, 3, 4)
+    want_ab = -math.log(5 / 39 ** 3) / 2
+    got = head.loss(x, torch.tensor([3]), [char_targets("ab")])
+    assert got.item() == pytest.approx(want_ab, rel=1e-5)
+    head2 = CharCTCHead(4, per_position=2)  # one adaptor position = 2 CTC frames
+    torch.nn.init.zeros_(head2.proj.weight)
+    torch.nn.init.zeros_(head2.proj.bias)
+    got = head2.loss(torch.randn(1, 1, 4), torch.tensor([1]), [char_targets("a")])
+    assert got.item() == pytest.approx(-math.log(3 / 39 ** 2), rel=1e-5)
+    # a batch: the mean of the per-clip losses, each divided by its target length; "abcd" cannot fit 1 frame
+    both = head.loss(torch.randn(2, 3, 4), torch.tensor([3, 1]), [char_targets("ab"), char_targets("abcd")])
+    assert both.item() == pytest.approx((want_ab + 0.0) / 2, rel=1e-5)
+
+
+def test_adaptor_output_norm_starts_at_the_llm_embedding_scale():
+    """--adaptor-out-norm: outputs have the LLM's token-embedding RMS at initialisation (the paper's adaptor is
+    ~sqrt(dim) / that larger), whatever the input scale; subsample 8 halves the positions of 4."""
+    from kappatune.multimodal.model import embedding_rms
+
+    enc = _tiny_encoder()
+    llm, _ = make_lm("llama")
+    rms = embedding_rms(llm)
+    w = llm.get_input_embeddings().weight.detach()
+    assert rms == pytest.approx(float(w.pow(2).mean().sqrt()), rel=1e-6)
+    torch.manual_seed(0)
+    frames = [torch.randn(16, 16) * 50, torch.randn(9, 16)]
+    lens = torch.tensor([16, 9])
+    padded = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
+    plain = SpeechLLM(enc, llm, subsample=4, heads=4, layers=2)
+    normed = SpeechLLM(enc, llm, subsample=8, heads=4, layers=2, out_norm=True)
+    a, alens = plain.adaptor(padded, lens)
+    b, blens = normed.adaptor(padded, lens)
+    assert a.shape[1] == 4 and b.shape[1] == 2 and alens.tolist() == [4, 3] and blens.tolist() == [2, 2]
+    out_rms = b[0].pow(2).mean(-1).sqrt()
+    assert torch.allclose(out_rms, torch.full_like(out_rms, rms), rtol=1e-3)
+    assert a[0].pow(2).mean(-1).sqrt().min() > 3 * rms  # the plain adaptor is far off the embedding scale
+    assert normed.adaptor.out_norm.weight.requires_grad
+
+
+def test_saved_speech_model_keeps_subsample_and_output_norm(tmp_path):
+    from kappatune.multimodal.speech_train import load_speech_model, save_speech_model
+
+    enc = _tiny_encoder()
+    llm, tok = make_lm("llama")
+    torch.manual_seed(1)
+    model = SpeechLLM(enc, llm, subsample=8, heads=4, layers=1, out_norm=True)
+    with torch.no_grad():
+        model.adaptor.out_norm.weight.mul_(1.5)  # a trained gain
+    save_speech_model(model, tok, str(tmp_path / "m"))
+    again, _, cfg = load_speech_model(str(tmp_path / "m"), enc)
+    assert cfg["subsample"] == 8 and cfg["out_norm"] is True and again.adaptor.subsample == 8
+    x = torch.randn(1, 16, 16)
+    assert torch.equal(again.adaptor(x)[0], model.adaptor(x)[0])
+
+
 def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     """kappatune train-speech then eval-speech through the entry point; eval reproduces the final WER."""
     import json
@@ -247,8 +314,11 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     out = tmp_path / "out"
     r = run("train-speech", str(lm_folder), "--manifest", str(train), "--test", str(test), "--encoder", str(enc_dir),
             "--order", "highest", "--budget-params", "5k", "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2",
-            "--control", str(wiki), "--adaptor-heads", "4", "-o", str(out))
+            "--control", str(wiki), "--adaptor-heads", "4", "--adaptor-subsample", "8", "--adaptor-out-norm",
+            "-o", str(out))
     assert r.returncode == 0, r.stderr
+    saved = json.loads((out / "model" / "adaptor.json").read_text())
+    assert saved["subsample"] == 8 and saved["out_norm"] is True
     res = json.loads(r.stdout)
     sel = json.loads((out / "selection.json").read_text())
     assert res["steps"] == 3 and res["frozen_verified"] and 0 < res["trainable"]["llm"] <= 5000
@@ -267,6 +337,9 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     bad.write_text(json.dumps({"audio": "missing.wav", "text": "x"}) + "\n")
     one_line_error(run("train-speech", str(lm_folder), "--manifest", str(bad), "-o", str(tmp_path / "o2")),
                     "does not exist")
+    one_line_error(run("train-speech", str(lm_folder), "--manifest", str(train), "--adaptor-subsample", "0",
+                       "-o", str(tmp_path / "o3")), "adaptor-subsample must be >= 1")
+    assert not (tmp_path / "o3").exists()
 
 
 def test_encoder_frames_cache_is_exact_and_reused(tmp_path):

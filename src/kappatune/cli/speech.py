@@ -46,6 +46,11 @@ def _register_train_speech(sub) -> None:
     p.add_argument("--save-steps", type=int, default=100)
     p.add_argument("--adaptor-heads", type=int, default=None, help="default: the LLM's attention heads")
     p.add_argument("--adaptor-layers", type=int, default=2)
+    p.add_argument("--adaptor-subsample", type=int, default=4,
+                   help="encoder frames concatenated into one adaptor output (the paper: 4; 8 halves the positions)")
+    p.add_argument("--adaptor-out-norm", action="store_true",
+                   help="RMS-normalise the adaptor's outputs, with a learnable gain started at the LLM's "
+                        "token-embedding RMS (off: the paper's adaptor, whose outputs are ~10x larger)")
     p.add_argument("--ctc-weight", type=float, default=0.0,
                    help="weight of an auxiliary CTC loss of the adaptor's outputs against the transcript's "
                         "characters (a small head, dropped from model/ after training); 0: the paper's recipe")
@@ -65,7 +70,8 @@ def cmd_train_speech(a) -> int:
                              control_chunks=a.control_chunks, save_steps=a.save_steps, ctc_weight=a.ctc_weight)
     run = SpeechRun(model=a.model, manifest=a.manifest, output=a.output, test=a.test, encoder=a.encoder,
                     order=a.order, budget_params=a.budget_params, adaptor_heads=a.adaptor_heads,
-                    adaptor_layers=a.adaptor_layers, control=a.control, frames_cache=a.frames_cache, seed=a.seed,
+                    adaptor_layers=a.adaptor_layers, adaptor_subsample=a.adaptor_subsample,
+                    adaptor_out_norm=a.adaptor_out_norm, control=a.control, frames_cache=a.frames_cache, seed=a.seed,
                     train=loop, revision=a.revision)
     res = run_train_speech(run)
     write_json({k: v for k, v in res.items() if k not in ("history", "losses", "config")}, None)

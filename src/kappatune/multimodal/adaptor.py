@@ -39,7 +39,7 @@ class SpeechAdaptor(nn.Module):
     """(B, T, enc_dim) encoder frames -> (B, ceil(T / subsample), llm_dim) LLM input embeddings."""
 
     def __init__(self, enc_dim: int, llm_dim: int, *, subsample: int = 4, heads: int = 8, layers: int = 2,
-                 dropout: float = 0.0, ctc_head: bool = False):
+                 dropout: float = 0.0, ctc_head: bool = False, out_rms: float | None = None):
         super().__init__()
         if llm_dim % heads:
             raise ValueError(f"llm_dim {llm_dim} is not divisible by heads {heads}")
@@ -47,6 +47,13 @@ class SpeechAdaptor(nn.Module):
         self.proj = nn.Linear(enc_dim * subsample, llm_dim)
         self.norm = nn.LayerNorm(llm_dim)
         self.blocks = nn.ModuleList(_AttentionBlock(llm_dim, heads, dropout) for _ in range(layers))
+        # optional: the outputs brought to the LLM's own input scale. LayerNorm plus a positional encoding gives
+        # vectors of norm ~sqrt(llm_dim) (~30 for SmolLM2, whose token embeddings have norm ~3): an RMS norm
+        # whose learnable gain starts at the embeddings' RMS starts the adaptor where the LLM's inputs live
+        self.out_norm = None
+        if out_rms is not None:
+            self.out_norm = nn.RMSNorm(llm_dim, eps=1e-6)
+            nn.init.constant_(self.out_norm.weight, out_rms)
         # training aid only (multimodal/ctc.py): saved in checkpoints so a resume is exact, dropped from model/
         self.ctc_head = CharCTCHead(llm_dim, subsample) if ctc_head else None
 
@@ -69,4 +76,6 @@ class SpeechAdaptor(nn.Module):
         pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_len[:, None]  # True = padding
         for blk in self.blocks:
             x = blk(x, pad_mask)
+        if self.out_norm is not None:
+            x = self.out_norm(x)
         return x, out_len

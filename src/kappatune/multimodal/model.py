@@ -9,6 +9,12 @@ from .adaptor import SpeechAdaptor
 from .alignment import build_inputs
 
 
+def embedding_rms(llm: nn.Module) -> float:
+    """Root-mean-square of the LLM's input token embeddings (per element): the scale its layers expect."""
+    w = llm.get_input_embeddings().weight
+    return float(w.detach().float().pow(2).mean().sqrt())
+
+
 class SpeechLLM(nn.Module):
     """``encoder(input_features).last_hidden_state`` -> adaptor -> ``llm(inputs_embeds=...)``.
 
@@ -17,7 +23,7 @@ class SpeechLLM(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, llm: nn.Module, *, subsample: int = 4, heads: int = 8,
-                 layers: int = 2, frames_per_feature: int = 2, ctc_weight: float = 0.0):
+                 layers: int = 2, frames_per_feature: int = 2, ctc_weight: float = 0.0, out_norm: bool = False):
         super().__init__()
         self.encoder = encoder
         for p in self.encoder.parameters():
@@ -25,7 +31,7 @@ class SpeechLLM(nn.Module):
         enc_dim = encoder.config.d_model
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.adaptor = SpeechAdaptor(enc_dim, llm_dim, subsample=subsample, heads=heads, layers=layers,
-                                     ctc_head=ctc_weight > 0)
+                                     ctc_head=ctc_weight > 0, out_rms=embedding_rms(llm) if out_norm else None)
         self.ctc_weight = ctc_weight  # weight of the auxiliary character CTC loss (0: the paper's plain recipe)
         self.llm = llm
         self.frames_per_feature = frames_per_feature  # Whisper's conv stem halves the mel frames

@@ -27,11 +27,19 @@ class SpeechRun:
     budget_params: int | str = "2M"             # trainable LLM parameters; 0: adaptor only
     adaptor_heads: int | None = None            # default: the LLM's attention heads
     adaptor_layers: int = 2
+    adaptor_subsample: int = 4                  # encoder frames concatenated per adaptor output (the paper: 4)
+    adaptor_out_norm: bool = False              # RMS-normalise the outputs to the LLM's embedding scale
     control: str | None = "wikipedia"           # text for the LLM's forgetting: wikipedia | news | file | none
     frames_cache: str | None = None             # None: the default cache folder; 'none': no cache
     seed: int = 0
     train: SpeechTrainConfig = field(default_factory=SpeechTrainConfig)
     revision: str | None = None                 # Hub branch, tag or commit of ``model`` (Hub ids only)
+
+    def __post_init__(self):
+        for k in ("adaptor_layers", "adaptor_subsample"):
+            if getattr(self, k) < (0 if k == "adaptor_layers" else 1):
+                raise KappaTuneError(f"{k.replace('_', '-')} must be {'>= 0' if k == 'adaptor_layers' else '>= 1'}, "
+                                     f"got {getattr(self, k)}")
 
 
 def prepare_llm(llm, order: str, budget_params: int, seed: int):
@@ -74,7 +82,8 @@ def run_train_speech(run: SpeechRun) -> dict:
     sel = prepare_llm(llm, run.order, budget, run.seed)
     torch.manual_seed(run.seed)  # the same adaptor initialisation whatever the selection (ablations compare)
     model = SpeechLLM(encoder, llm, heads=run.adaptor_heads or max(1, llm.config.num_attention_heads),
-                      layers=run.adaptor_layers, ctc_weight=run.train.ctc_weight)
+                      layers=run.adaptor_layers, subsample=run.adaptor_subsample, ctc_weight=run.train.ctc_weight,
+                      out_norm=run.adaptor_out_norm)
     fe, n_frames = feature_extractor(encoder)
     os.makedirs(run.output, exist_ok=True)
     if sel is not None:

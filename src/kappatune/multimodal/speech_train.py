@@ -267,7 +267,8 @@ def save_speech_model(model, tok, folder: str, meta: dict | None = None, *, keep
     cfg = {"enc_dim": ad.proj.in_features // ad.subsample, "llm_dim": ad.proj.out_features,
            "subsample": ad.subsample, "heads": ad.blocks[0].attn.num_heads if len(ad.blocks) else 1,
            "layers": len(ad.blocks), "frames_per_feature": model.frames_per_feature,
-           "ctc_weight": model.ctc_weight if keep_ctc else 0.0, **(meta or {})}
+           "ctc_weight": model.ctc_weight if keep_ctc else 0.0, "out_norm": ad.out_norm is not None,
+           **(meta or {})}
     with open(os.path.join(folder, ADAPTOR_CONFIG), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     model.llm.save_pretrained(os.path.join(folder, "llm"))
@@ -306,7 +307,7 @@ def load_speech_model(folder: str, encoder):
         raise KappaTuneError(f"the encoder's width {encoder.config.d_model} differs from the adaptor's {cfg['enc_dim']}")
     model = SpeechLLM(encoder, llm, subsample=cfg["subsample"], heads=cfg["heads"],
                       layers=cfg["layers"], frames_per_feature=cfg.get("frames_per_feature", 2),
-                      ctc_weight=cfg.get("ctc_weight", 0.0))
+                      ctc_weight=cfg.get("ctc_weight", 0.0), out_norm=cfg.get("out_norm", False))
     from safetensors.torch import load_file
 
     model.adaptor.load_state_dict(load_file(os.path.join(folder, ADAPTOR_WEIGHTS)))
