@@ -62,7 +62,7 @@ def _tiny_encoder():
 
     cfg = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
-                        max_source_positions=12, vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        max_source_positions=20, vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                         decoder_start_token_id=1)
     torch.manual_seed(0)
     return WhisperEncoder(cfg)
@@ -77,10 +77,10 @@ def test_training_step_changes_only_adaptor_and_selected_llm_tensors():
     before = {n: tensor_digest(p) for n, p in model.named_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
-    feats = torch.randn(2, 8, 24)  # (B, mel bins, 2 * max_source_positions)
+    feats = torch.randn(2, 8, 40)  # (B, mel bins, 2 * max_source_positions)
     texts = [tok("hi there", add_special_tokens=False)["input_ids"], tok("ok", add_special_tokens=False)["input_ids"]]
     for _ in range(2):
-        loss = model(feats, torch.tensor([24, 16]), texts, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id).loss
+        loss = model(feats, torch.tensor([40, 16]), texts, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -91,7 +91,7 @@ def test_training_step_changes_only_adaptor_and_selected_llm_tensors():
     assert all(n.startswith("adaptor.") or n in expected_llm for n in changed)
     assert any(n.startswith("adaptor.") for n in changed)
     assert not any(n.startswith("encoder.") for n in changed)
-    out = model.transcribe(feats[:1], torch.tensor([24]), tok.bos_token_id, tok.eos_token_id, max_new_tokens=5)
+    out = model.transcribe(feats[:1], torch.tensor([40]), tok.bos_token_id, tok.eos_token_id, max_new_tokens=5)
     assert len(out) == 1 and len(out[0]) <= 5
 
 
@@ -100,7 +100,8 @@ def test_word_error_rates():
     assert r["wer"] == pytest.approx(1 / 4) and 0 < r["cer"] < 0.2
 
 
-def _wav_manifest(tmp_path, texts, name="m.jsonl"):
+def _wav_manifest(tmp_path, texts, name="m.jsonl", seconds=0.4, rate=16000):
+    """Tones of ``seconds`` as WAV clips (the tiny encoder's window is 0.4 s: 20 positions x 2 x 10 ms)."""
     import json
     import wave
 
@@ -108,13 +109,13 @@ def _wav_manifest(tmp_path, texts, name="m.jsonl"):
 
     rows = []
     for i, text in enumerate(texts):
-        t = np.arange(int(16000 * 0.4)) / 16000
+        t = np.arange(int(rate * seconds)) / rate
         pcm = (0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) * 32767).astype("<i2")
         p = tmp_path / f"{name}-{i}.wav"
         with wave.open(str(p), "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
-            w.setframerate(16000)
+            w.setframerate(rate)
             w.writeframes(pcm.tobytes())
         rows.append({"audio": p.name, "text": text})
     (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -140,7 +141,7 @@ def test_train_speech_recipe_end_to_end(tmp_path):
     fe = WhisperFeatureExtractor(feature_size=8)
     res = train_speech(model, tok, fe, manifest, manifest[:2], str(tmp_path / "out"),
                        SpeechTrainConfig(epochs=2, batch_size=2, lr=1e-2, eval_every=2, logging_steps=1),
-                       n_frames=24, control_text="plain words about the world. " * 60)
+                       n_frames=40, control_text="plain words about the world. " * 60)
     assert res["frozen_verified"] and res["steps"] == 4 and 0 <= res["final"]["wer"]
     # evaluations before training and every 2 steps, each with WER and the control perplexity
     assert [h["step"] for h in res["history"]] == [0, 2, 4]
@@ -157,7 +158,7 @@ def test_train_speech_recipe_end_to_end(tmp_path):
     assert all(torch.equal(sd[k], v) for k, v in again.adaptor.state_dict().items())
     from kappatune.multimodal.speech_train import evaluate_speech
 
-    ev = evaluate_speech(again, tok2, manifest[:2], fe, 24)
+    ev = evaluate_speech(again, tok2, manifest[:2], fe, 40)
     assert ev["wer"] == pytest.approx(res["final"]["wer"]) and ev["cer"] == pytest.approx(res["final"]["cer"])
 
 
@@ -177,7 +178,7 @@ def test_train_speech_resume_is_exact(tmp_path, ctc_weight):
         model, tok = _speech_setup(ctc_weight=ctc_weight)
         cfg = SpeechTrainConfig(max_steps=max_steps, batch_size=2, lr=1e-2, adaptor_lr=3e-3, scheduler="constant",
                                 save_steps=2, weight_decay=0.1, ctc_weight=ctc_weight)
-        train_speech(model, tok, fe, manifest, [], str(out), cfg, n_frames=24)
+        train_speech(model, tok, fe, manifest, [], str(out), cfg, n_frames=40)
         return model
 
     straight = run(tmp_path / "a", 4)
@@ -340,6 +341,15 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     one_line_error(run("train-speech", str(lm_folder), "--manifest", str(train), "--adaptor-subsample", "0",
                        "-o", str(tmp_path / "o3")), "adaptor-subsample must be >= 1")
     assert not (tmp_path / "o3").exists()
+    # clips checked before any model is loaded: longer than the encoder's window, or not 16 kHz
+    long_clip = _wav_manifest(tmp_path, ["go left"], "long.jsonl", seconds=0.6)
+    one_line_error(run("train-speech", str(lm_folder), "--manifest", str(long_clip), "--encoder", str(enc_dir),
+                       "-o", str(tmp_path / "o4")), "0.6 s is longer than the encoder's 0.4 s window")
+    one_line_error(run("eval-speech", str(out), "--manifest", str(long_clip)), "longer than the encoder's")
+    slow = _wav_manifest(tmp_path, ["go left"], "8k.jsonl", rate=8000)
+    one_line_error(run("train-speech", str(lm_folder), "--manifest", str(train), "--test", str(slow),
+                       "--encoder", str(enc_dir), "-o", str(tmp_path / "o5")), "need 16 kHz mono 16-bit WAV")
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
 
 
 def test_encoder_frames_cache_is_exact_and_reused(tmp_path):
@@ -350,20 +360,20 @@ def test_encoder_frames_cache_is_exact_and_reused(tmp_path):
     rows = load_manifest(str(_wav_manifest(tmp_path, ["a b", "c d", "e"])))
     model, _ = _speech_setup()
     fe = WhisperFeatureExtractor(feature_size=8)
-    plain = encode_clips(model, fe, rows, 24, batch_size=2)
-    first = encode_clips(model, fe, rows, 24, batch_size=2, cache_dir=str(tmp_path / "c"))
+    plain = encode_clips(model, fe, rows, 40, batch_size=2)
+    first = encode_clips(model, fe, rows, 40, batch_size=2, cache_dir=str(tmp_path / "c"))
 
     def boom(*a, **k):
         raise AssertionError("the encoder ran although the frames were cached")
 
     model.encoder_frames = boom
-    again = encode_clips(model, fe, rows, 24, cache_dir=str(tmp_path / "c"))
+    again = encode_clips(model, fe, rows, 40, cache_dir=str(tmp_path / "c"))
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, first, again))
     # a changed encoder is a different cache entry
     other, _ = _speech_setup()
     with torch.no_grad():
         next(other.encoder.parameters()).add_(1.0)
-    assert not torch.equal(encode_clips(other, fe, rows, 24, cache_dir=str(tmp_path / "c"))[0], plain[0])
+    assert not torch.equal(encode_clips(other, fe, rows, 40, cache_dir=str(tmp_path / "c"))[0], plain[0])
 
 
 def test_news_control_text_is_general_and_separate_from_wikipedia():

@@ -38,6 +38,24 @@ def load_encoder(spec: str):
     return WhisperModel.from_pretrained(path).get_encoder()
 
 
+WHISPER_HOP_S = 0.01  # Whisper's log-mel features: one every 10 ms; its conv stem then halves them
+
+
+def encoder_window_s(spec: str) -> float:
+    """The longest clip (seconds) the encoder sees, read from its folder without loading any weights, so bad
+    clips are refused before a model is loaded: 2 x max_source_positions x 10 ms (30 s for every released
+    Whisper; CTranslate2 Whisper folders are taken to be those)."""
+    path = encoder_folder(spec)
+    config = os.path.join(path, "config.json")
+    if os.path.exists(os.path.join(path, "model.bin")) or not os.path.exists(config):
+        return 1500 * 2 * WHISPER_HOP_S
+    import json
+
+    with open(config, encoding="utf-8") as f:
+        positions = json.load(f).get("max_source_positions", 1500)
+    return positions * 2 * WHISPER_HOP_S
+
+
 def feature_extractor(encoder):
     """The Whisper log-mel feature extractor matching ``encoder`` and the number of mel frames it takes."""
     from transformers import WhisperFeatureExtractor

@@ -67,9 +67,9 @@ def run_train_speech(run: SpeechRun) -> dict:
     from ..data import control_text
     from ..models import load_model
     from ..policies import parse_size
-    from .encoders import feature_extractor, load_encoder
+    from .encoders import encoder_window_s, feature_extractor, load_encoder
     from .model import SpeechLLM
-    from .speech_train import frames_cache_dir, load_manifest, train_speech
+    from .speech_train import check_clips, frames_cache_dir, load_manifest, train_speech
 
     if os.path.exists(run.output) and not os.path.isdir(run.output):
         raise KappaTuneError(f"--output {run.output} exists and is not a folder")
@@ -77,14 +77,15 @@ def run_train_speech(run: SpeechRun) -> dict:
     test_rows = load_manifest(run.test) if run.test else []
     budget = parse_size(run.budget_params)
     control = control_text(run.control)
+    check_clips(train_rows + test_rows, encoder_window_s(run.encoder))
     encoder = load_encoder(run.encoder)
+    fe, n_frames = feature_extractor(encoder)
     llm, tok = load_model(run.model, revision=run.revision)
     sel = prepare_llm(llm, run.order, budget, run.seed)
     torch.manual_seed(run.seed)  # the same adaptor initialisation whatever the selection (ablations compare)
     model = SpeechLLM(encoder, llm, heads=run.adaptor_heads or max(1, llm.config.num_attention_heads),
                       layers=run.adaptor_layers, subsample=run.adaptor_subsample, ctc_weight=run.train.ctc_weight,
                       out_norm=run.adaptor_out_norm)
-    fe, n_frames = feature_extractor(encoder)
     os.makedirs(run.output, exist_ok=True)
     if sel is not None:
         sel.save(os.path.join(run.output, "selection.json"))
@@ -114,9 +115,9 @@ def evaluate_speech(run_folder: str, manifest: str, *, encoder: str | None = Non
     from ..data import control_text
     from ..evaluate import control_forgetting
     from ..models import load_model
-    from .encoders import feature_extractor, load_encoder
+    from .encoders import encoder_window_s, feature_extractor, load_encoder
     from .model import word_error_rates
-    from .speech_train import encode_clips, load_manifest, load_speech_model, transcribe_rows
+    from .speech_train import check_clips, encode_clips, load_manifest, load_speech_model, transcribe_rows
 
     folder, recorded = speech_model_folder(run_folder)
     rows = load_manifest(manifest)[:limit] if limit else load_manifest(manifest)
@@ -124,10 +125,11 @@ def evaluate_speech(run_folder: str, manifest: str, *, encoder: str | None = Non
         raise KappaTuneError(f"{manifest}: no clips")
     enc_spec = encoder or recorded or "whisper-tiny"
     text = control_text(control)
+    check_clips(rows, encoder_window_s(enc_spec))
     enc = load_encoder(enc_spec)
+    fe, n_frames = feature_extractor(enc)
     with contextlib.redirect_stdout(sys.stderr):
         model, tok, _ = load_speech_model(folder, enc)
-        fe, n_frames = feature_extractor(enc)
         hyps = transcribe_rows(model, tok, encode_clips(model, fe, rows, n_frames), max_new_tokens)
     res = dict(word_error_rates([r["text"] for r in rows], hyps), clips=len(rows), model=folder, encoder=enc_spec)
     if text:

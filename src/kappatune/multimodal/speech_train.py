@@ -52,15 +52,35 @@ def load_manifest(path: str) -> list[dict]:
     return rows
 
 
-def read_wav_16k(path: str) -> np.ndarray:
+def _open_wav_16k(path: str) -> wave.Wave_read:
     try:
-        with wave.open(path, "rb") as w:
-            if w.getframerate() != 16000 or w.getnchannels() != 1 or w.getsampwidth() != 2:
-                raise KappaTuneError(f"{path}: need 16 kHz mono 16-bit WAV (sox in.wav -r 16000 -c 1 -b 16 out.wav)")
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        w = wave.open(path, "rb")
     except (wave.Error, EOFError) as e:
         raise KappaTuneError(f"{path}: not a readable WAV file ({e})") from None
+    if w.getframerate() != 16000 or w.getnchannels() != 1 or w.getsampwidth() != 2:
+        w.close()
+        raise KappaTuneError(f"{path}: need 16 kHz mono 16-bit WAV (sox in.wav -r 16000 -c 1 -b 16 out.wav)")
+    return w
+
+
+def read_wav_16k(path: str) -> np.ndarray:
+    with _open_wav_16k(path) as w:
+        try:
+            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        except (wave.Error, EOFError) as e:
+            raise KappaTuneError(f"{path}: not a readable WAV file ({e})") from None
     return pcm.astype(np.float32) / 32768.0
+
+
+def check_clips(rows: list[dict], window_s: float) -> None:
+    """Every clip's header before any work: 16 kHz mono 16-bit, and no longer than the encoder's window (a
+    longer clip would be cut silently while its whole transcript stays the target)."""
+    for r in rows:
+        with _open_wav_16k(r["audio"]) as w:
+            seconds = w.getnframes() / 16000
+        if seconds > window_s:
+            raise KappaTuneError(f"{r['audio']}: {seconds:.1f} s is longer than the encoder's {window_s:g} s "
+                                 f"window; split or cut the clip")
 
 
 def features(paths: list[str], extractor, n_frames: int):
