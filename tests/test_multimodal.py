@@ -177,8 +177,10 @@ def test_train_speech_resume_is_exact(tmp_path, ctc_weight):
     def run(out, max_steps):
         model, tok = _speech_setup(ctc_weight=ctc_weight)
         cfg = SpeechTrainConfig(max_steps=max_steps, batch_size=2, lr=1e-2, adaptor_lr=3e-3, scheduler="constant",
-                                save_steps=2, weight_decay=0.1, ctc_weight=ctc_weight)
-        train_speech(model, tok, fe, manifest, [], str(out), cfg, n_frames=40)
+                                save_steps=2, weight_decay=0.1, ctc_weight=ctc_weight,
+                                ctc_steps=5 if ctc_weight else 0)  # with CTC: a CTC-only first stage too
+        res = train_speech(model, tok, fe, manifest, [], str(out), cfg, n_frames=40)
+        assert (res["ctc_stage"] is not None and res["ctc_stage"]["steps"] == 5) == (ctc_weight > 0)
         return model
 
     straight = run(tmp_path / "a", 4)
@@ -298,6 +300,53 @@ def test_saved_speech_model_keeps_subsample_and_output_norm(tmp_path):
     assert torch.equal(again.adaptor(x)[0], model.adaptor(x)[0])
 
 
+def _letter_clips(n=24, seed=0):
+    """Clips whose frames spell their text: each letter is 4 frames of that letter's own vector plus noise."""
+    import random
+
+    from kappatune.multimodal.ctc import char_targets
+
+    g = torch.Generator().manual_seed(seed)
+    vec = {c: torch.randn(8, generator=g) * 2 for c in "abc"}
+    rng = random.Random(seed)
+    texts = ["".join(rng.choice("abc") for _ in range(rng.randint(2, 5))) for _ in range(n)]
+    frames = [torch.stack([vec[c] for c in t for _ in range(4)]) + 0.1 * torch.randn(4 * len(t), 8, generator=g)
+              for t in texts]
+    return frames, [char_targets(t) for t in texts]
+
+
+def test_ctc_stage_learns_the_letters_and_runs_once_per_output(tmp_path):
+    from kappatune.multimodal.ctc_stage import STAGE_RECORD, ctc_pretrain, run_ctc_stage
+
+    frames, chars = _letter_clips()
+
+    def ctc_loss(ad):
+        padded = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
+        with torch.no_grad():
+            out, lens = ad(padded, torch.tensor([f.shape[0] for f in frames]))
+            return float(ad.ctc_head.loss(out, lens, chars))
+
+    torch.manual_seed(0)
+    ad = SpeechAdaptor(8, 16, subsample=2, heads=2, layers=1, ctc_head=True)
+    before = ctc_loss(ad)
+    hist = ctc_pretrain(ad, frames, chars, steps=150, lr=3e-3, batch_size=4, seed=0, log_every=50)
+    assert [h["step"] for h in hist] == [50, 100, 150]
+    assert ctc_loss(ad) < 0.3 * before
+    # run_ctc_stage: trained and saved once; a second call loads the saved adaptor instead of training
+    torch.manual_seed(0)
+    first = SpeechAdaptor(8, 16, subsample=2, heads=2, layers=1, ctc_head=True)
+    rec = run_ctc_stage(first, frames, chars, str(tmp_path), steps=20, lr=3e-3, batch_size=4, seed=0)
+    assert (tmp_path / STAGE_RECORD).exists() and rec["steps"] == 20
+    torch.manual_seed(0)
+    second = SpeechAdaptor(8, 16, subsample=2, heads=2, layers=1, ctc_head=True)
+    again = run_ctc_stage(second, frames, chars, str(tmp_path), steps=20, lr=3e-3, batch_size=4, seed=0)
+    assert again == rec
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    with pytest.raises(ValueError):
+        ctc_pretrain(SpeechAdaptor(8, 16, subsample=2, heads=2, layers=1), frames, chars, steps=1, lr=1e-3,
+                     batch_size=2, seed=0)
+
+
 def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     """kappatune train-speech then eval-speech through the entry point; eval reproduces the final WER."""
     import json
@@ -338,6 +387,8 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     bad.write_text(json.dumps({"audio": "missing.wav", "text": "x"}) + "\n")
     one_line_error(run("train-speech", str(lm_folder), "--manifest", str(bad), "-o", str(tmp_path / "o2")),
                     "does not exist")
+    one_line_error(run("train-speech", str(lm_folder), "--manifest", str(train), "--ctc-steps", "10",
+                       "-o", str(tmp_path / "o3")), "needs ctc_weight > 0")
     one_line_error(run("train-speech", str(lm_folder), "--manifest", str(train), "--adaptor-subsample", "0",
                        "-o", str(tmp_path / "o3")), "adaptor-subsample must be >= 1")
     assert not (tmp_path / "o3").exists()

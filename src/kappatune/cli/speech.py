@@ -54,6 +54,10 @@ def _register_train_speech(sub) -> None:
     p.add_argument("--ctc-weight", type=float, default=0.0,
                    help="weight of an auxiliary CTC loss of the adaptor's outputs against the transcript's "
                         "characters (a small head, dropped from model/ after training); 0: the paper's recipe")
+    p.add_argument("--ctc-steps", type=int, default=0,
+                   help="a first stage of N adaptor-only steps on the CTC loss alone, without the LLM (cheap "
+                        "steps; needs --ctc-weight > 0)")
+    p.add_argument("--ctc-lr", type=float, default=None, help="that stage's learning rate (default: --adaptor-lr)")
     p.add_argument("--frames-cache", help="folder for the frozen encoder's cached frames (default "
                                           "~/.cache/kappatune/speech-frames or $KAPPATUNE_SPEECH_CACHE_DIR; 'none')")
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +71,8 @@ def cmd_train_speech(a) -> int:
     loop = SpeechTrainConfig(epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, adaptor_lr=a.adaptor_lr,
                              batch_size=a.batch_size, grad_accum=a.grad_accum, warmup_steps=a.warmup_steps,
                              seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit,
-                             control_chunks=a.control_chunks, save_steps=a.save_steps, ctc_weight=a.ctc_weight)
+                             control_chunks=a.control_chunks, save_steps=a.save_steps, ctc_weight=a.ctc_weight,
+                             ctc_steps=a.ctc_steps, ctc_lr=a.ctc_lr)
     run = SpeechRun(model=a.model, manifest=a.manifest, output=a.output, test=a.test, encoder=a.encoder,
                     order=a.order, budget_params=a.budget_params, adaptor_heads=a.adaptor_heads,
                     adaptor_layers=a.adaptor_layers, adaptor_subsample=a.adaptor_subsample,

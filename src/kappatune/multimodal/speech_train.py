@@ -219,6 +219,8 @@ class SpeechTrainConfig:
     logging_steps: int = 10
     control_chunks: int = 8      # 256-token chunks of the control text for the forgetting measurement
     ctc_weight: float = 0.0      # auxiliary character CTC loss on the adaptor's outputs (0: the paper's recipe)
+    ctc_steps: int = 0           # a first stage of CTC-only adaptor steps, without the LLM (needs ctc_weight > 0)
+    ctc_lr: float | None = None  # that stage's learning rate (None: adaptor_lr, else lr)
     progress: bool = False
 
     def __post_init__(self):
@@ -231,6 +233,11 @@ class SpeechTrainConfig:
             raise KappaTuneError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.ctc_weight < 0:
             raise KappaTuneError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
+        if self.ctc_steps < 0 or (self.ctc_steps and self.ctc_weight <= 0):
+            raise KappaTuneError(f"ctc_steps must be >= 0 and needs ctc_weight > 0 (the CTC head), got "
+                                 f"ctc_steps {self.ctc_steps}, ctc_weight {self.ctc_weight}")
+        if self.ctc_lr is not None and self.ctc_lr <= 0:
+            raise KappaTuneError("learning rates must be positive")
 
 
 class _FramesDataset(torch.utils.data.Dataset):
@@ -471,6 +478,14 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
     args = _speech_args(cfg, ckpt_dir)
     resume = last_good_checkpoint(ckpt_dir)
     sub_frames, sub_refs = data.test_frames[: data.eval_count], data.test_refs[: data.eval_count]
+    stage = None
+    if cfg.ctc_steps:
+        from .ctc_stage import run_ctc_stage, stage_record
+
+        # a resumed run's checkpoint already holds the adaptor the stage trained: only its record is read
+        stage = stage_record(out_dir) if resume else run_ctc_stage(
+            model.adaptor, data.train_frames, data.char_ids, out_dir, steps=cfg.ctc_steps,
+            lr=cfg.ctc_lr or cfg.adaptor_lr or cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
     start_path = os.path.join(out_dir, "speech_eval_step0.json")
     if not resume:
         rec0 = dict(measure(model, tok, sub_frames, sub_refs, data.control, data.base_ppl, cfg), step=0)
@@ -507,7 +522,8 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
                          "llm": n_llm, "llm_tensors": sum(p.requires_grad for p in model.llm.parameters())},
            "changed_tensors": len(moved), "frozen_verified": True,
            "base_control_ppl": data.base_ppl, "final": final, "history": history, "losses": losses,
-           "config": asdict(cfg), "meta": meta or {}}
+           "config": asdict(cfg), "meta": meta or {},
+           "ctc_stage": stage}
     res = json.loads(json.dumps(res, default=str))
     atomic_write_json(os.path.join(out_dir, "speech_train.json"), res)
     return res

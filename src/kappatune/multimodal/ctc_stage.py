@@ -1,0 +1,95 @@
+"""An optional first stage for the adaptor alone (``--ctc-steps``): character CTC on its outputs, no LLM.
+
+Why: with the LLM's loss only, the adaptor first learns a style prefix ("a sentence follows") and takes
+thousands of steps to carry the audio's content (issue 15's measurements). The CTC loss asks for the content
+directly, and a step without the LLM's forward and backward costs a small fraction of a full step, so many
+such steps fit before the LLM is involved. The stage's result is written next to the run (``ctc_stage.*``)
+so a rerun of the same command skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+
+from .._io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+STAGE_WEIGHTS = "ctc_stage.safetensors"
+STAGE_RECORD = "ctc_stage.json"
+
+
+def _batch(frames: list[torch.Tensor], idx: list[int]):
+    lens = torch.tensor([frames[i].shape[0] for i in idx], device=frames[0].device)
+    return torch.nn.utils.rnn.pad_sequence([frames[i] for i in idx], batch_first=True), lens
+
+
+def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]], *, steps: int, lr: float,
+                 batch_size: int, seed: int, log_every: int = 50) -> list[dict]:
+    """``steps`` AdamW steps of the adaptor (and its CTC head) on the CTC loss alone, batches drawn with a
+    seeded generator, linear warmup over the first tenth then linear decay; returns the logged losses."""
+    if adaptor.ctc_head is None:
+        raise ValueError("the adaptor has no CTC head")
+    params = [p for p in adaptor.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    gen = torch.Generator().manual_seed(seed)
+    was_training = adaptor.training
+    adaptor.train()
+    history, running = [], 0.0
+    try:
+        for step in range(1, steps + 1):
+            idx = torch.randint(len(frames), (batch_size,), generator=gen).tolist()
+            padded, lens = _batch(frames, idx)
+            out, out_lens = adaptor(padded, lens)
+            loss = adaptor.ctc_head.loss(out, out_lens, [char_ids[i] for i in idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            running += float(loss)
+            if step % log_every == 0 or step == steps:
+                n = log_every if step % log_every == 0 else step % log_every
+                history.append({"step": step, "ctc_loss": running / n})
+                log.info("CTC stage step %d/%d: loss %.3f", step, steps, running / n)
+                running = 0.0
+    finally:
+        adaptor.train(was_training)
+    return history
+
+
+def stage_record(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, STAGE_RECORD)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run_ctc_stage(adaptor, frames, char_ids, out_dir: str, *, steps: int, lr: float, batch_size: int,
+                  seed: int) -> dict:
+    """The stage once per output folder: trained and saved, or the saved result loaded into ``adaptor``."""
+    from safetensors.torch import load_file, save_file
+
+    weights, record = os.path.join(out_dir, STAGE_WEIGHTS), os.path.join(out_dir, STAGE_RECORD)
+    done = stage_record(out_dir)
+    if done is not None:
+        adaptor.load_state_dict(load_file(weights))
+        return done
+    t0 = time.perf_counter()
+    history = ctc_pretrain(adaptor, frames, char_ids, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    res = {"steps": steps, "lr": lr, "batch_size": batch_size, "wall_s": time.perf_counter() - t0,
+           "history": history}
+    tmp = weights + ".tmp"
+    save_file({k: v.detach().contiguous() for k, v in adaptor.state_dict().items()}, tmp)
+    os.replace(tmp, weights)
+    atomic_write_json(record, res)  # written last: the stage's done marker
+    return res
