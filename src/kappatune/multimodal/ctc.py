@@ -50,3 +50,17 @@ class CharCTCHead(nn.Module):
         tgt_lens = torch.tensor([len(tgt) for tgt in targets], dtype=torch.long, device=x.device)
         return nn.functional.ctc_loss(logp, flat, lengths * self.per_position, tgt_lens, blank=0,
                                       reduction="mean", zero_infinity=True)
+
+    @torch.no_grad()
+    def greedy(self, x: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """Best-path decoding: the most likely symbol per CTC frame, repeats merged, blanks dropped. A direct
+        read of what the adaptor's outputs carry, without the LLM."""
+        b, t, _ = x.shape
+        best = self.proj(x).view(b, t * self.per_position, CTC_VOCAB).argmax(-1)
+        out = []
+        for i in range(b):
+            ids = best[i, : int(lengths[i]) * self.per_position].tolist()
+            kept = [c for j, c in enumerate(ids) if c != 0 and (j == 0 or c != ids[j - 1])]
+            out.append("".join(CHARS[c - 1] for c in kept).strip())
+        return out
+

@@ -55,7 +55,7 @@ def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]],
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            running += float(loss)
+            running += float(loss.detach())
             if step % log_every == 0 or step == steps:
                 n = log_every if step % log_every == 0 else step % log_every
                 history.append({"step": step, "ctc_loss": running / n})

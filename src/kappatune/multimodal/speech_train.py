@@ -166,6 +166,28 @@ def evaluate_frames(model, tok, frames: list[torch.Tensor], refs: list[str], max
 
 
 @torch.no_grad()
+def ctc_read(model, frames: list[torch.Tensor], refs: list[str], batch_size: int = 16) -> float:
+    """CER of the CTC head's best-path reading of the adaptor's outputs against the normalised references:
+    whether the audio's content reaches the vectors the LLM reads, with the LLM out of the loop."""
+    from .ctc import CHARS
+    from .model import word_error_rates
+
+    was_training = model.adaptor.training
+    model.adaptor.eval()
+    hyps: list[str] = []
+    try:
+        for i in range(0, len(frames), batch_size):
+            chunk = frames[i:i + batch_size]
+            lens = torch.tensor([f.shape[0] for f in chunk], device=chunk[0].device)
+            out, out_lens = model.adaptor(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lens)
+            hyps += model.adaptor.ctc_head.greedy(out, out_lens)
+    finally:
+        model.adaptor.train(was_training)
+    wanted = ["".join(CHARS[c - 1] for c in char_targets(r)) for r in refs]
+    return word_error_rates(wanted, hyps)["cer"]
+
+
+@torch.no_grad()
 def audio_use(model, tok, frames: list[torch.Tensor], refs: list[str], batch_size: int = 8) -> dict:
     """Does the model listen? The teacher-forced loss per text token with each clip's own audio, and with the
     audio of the next clip (texts paired with the wrong audio). Their gap is ~0 while the adaptor only tells
@@ -372,6 +394,8 @@ def measure(model, tok, test_frames, test_refs, control, base_ppl, cfg: SpeechTr
         r = evaluate_frames(model, tok, test_frames, test_refs, cfg.max_new_tokens)
         rec.update(wer=r["wer"], cer=r["cer"], clips=r["clips"], examples=r["examples"])
         rec.update(audio_use(model, tok, test_frames, test_refs))
+        if model.adaptor.ctc_head is not None:
+            rec["ctc_cer"] = ctc_read(model, test_frames, test_refs)
     if control is not None:
         ppl = perplexity(model.llm, tok, chunks=control)["ppl"]
         rec.update(control_ppl=ppl, dppl=ppl - base_ppl)
