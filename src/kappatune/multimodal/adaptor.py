@@ -21,6 +21,12 @@ def sinusoidal_positions(n: int, dim: int, device=None, dtype=torch.float32) -> 
     return pe.to(dtype)
 
 
+def pad_frames(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of (T_i, dim) clips as one zero-padded (B, max T, dim) batch and the lengths (B,)."""
+    lens = torch.tensor([f.shape[0] for f in frames], device=frames[0].device)
+    return torch.nn.utils.rnn.pad_sequence(frames, batch_first=True), lens
+
+
 class _AttentionBlock(nn.Module):
     """Pre-norm multi-head self-attention with a residual connection, padding-aware."""
 

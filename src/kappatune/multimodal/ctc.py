@@ -33,6 +33,11 @@ def char_targets(text: str) -> list[int]:
     return out
 
 
+def char_text(ids: list[int]) -> str:
+    """The text of CTC symbol ids (1..len(CHARS); the blank, 0, is never passed here)."""
+    return "".join(CHARS[c - 1] for c in ids)
+
+
 class CharCTCHead(nn.Module):
     """(B, T, dim) adaptor outputs -> CTC log-probabilities over (B, T * per_position, CTC_VOCAB)."""
 
@@ -61,6 +66,5 @@ class CharCTCHead(nn.Module):
         for i in range(b):
             ids = best[i, : int(lengths[i]) * self.per_position].tolist()
             kept = [c for j, c in enumerate(ids) if c != 0 and (j == 0 or c != ids[j - 1])]
-            out.append("".join(CHARS[c - 1] for c in kept).strip())
+            out.append(char_text(kept).strip())
         return out
-

@@ -17,16 +17,12 @@ import time
 import torch
 
 from .._io import atomic_write_json
+from .adaptor import pad_frames
 
 log = logging.getLogger(__name__)
 
 STAGE_WEIGHTS = "ctc_stage.safetensors"
 STAGE_RECORD = "ctc_stage.json"
-
-
-def _batch(frames: list[torch.Tensor], idx: list[int]):
-    lens = torch.tensor([frames[i].shape[0] for i in idx], device=frames[0].device)
-    return torch.nn.utils.rnn.pad_sequence([frames[i] for i in idx], batch_first=True), lens
 
 
 def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]], *, steps: int, lr: float,
@@ -47,8 +43,7 @@ def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]],
     try:
         for step in range(1, steps + 1):
             idx = torch.randint(len(frames), (batch_size,), generator=gen).tolist()
-            padded, lens = _batch(frames, idx)
-            out, out_lens = adaptor(padded, lens)
+            out, out_lens = adaptor(*pad_frames([frames[i] for i in idx]))
             loss = adaptor.ctc_head.loss(out, out_lens, [char_ids[i] for i in idx])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -39,6 +39,7 @@ def load_encoder(spec: str):
 
 
 WHISPER_HOP_S = 0.01  # Whisper's log-mel features: one every 10 ms; its conv stem then halves them
+WHISPER_POSITIONS = 1500  # encoder positions of every released Whisper: a 30 s window
 
 
 def encoder_window_s(spec: str) -> float:
@@ -48,11 +49,11 @@ def encoder_window_s(spec: str) -> float:
     path = encoder_folder(spec)
     config = os.path.join(path, "config.json")
     if os.path.exists(os.path.join(path, "model.bin")) or not os.path.exists(config):
-        return 1500 * 2 * WHISPER_HOP_S
+        return WHISPER_POSITIONS * 2 * WHISPER_HOP_S
     import json
 
     with open(config, encoding="utf-8") as f:
-        positions = json.load(f).get("max_source_positions", 1500)
+        positions = json.load(f).get("max_source_positions", WHISPER_POSITIONS)
     return positions * 2 * WHISPER_HOP_S
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adaptor import SpeechAdaptor
+from .adaptor import SpeechAdaptor, pad_frames
 from .alignment import build_inputs
 
 
@@ -57,9 +57,7 @@ class SpeechLLM(nn.Module):
                        eos_id: int | None = None, char_ids: list[list[int]] | None = None):
         """Loss from cached encoder frames (list of (T_i, enc_dim)); with ``char_ids`` (the transcripts'
         characters, ``ctc.char_targets``) and a CTC head, plus ``ctc_weight`` x the character CTC loss."""
-        lens = torch.tensor([f.shape[0] for f in frames], device=frames[0].device)
-        padded = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
-        audio, alens = self.adaptor(padded, lens)
+        audio, alens = self.adaptor(*pad_frames(frames))
         out = self._lm(audio, alens, text_ids, bos_id, eos_id)
         if char_ids is not None and self.adaptor.ctc_head is not None and self.ctc_weight > 0:
             out.loss = out.loss + self.ctc_weight * self.adaptor.ctc_head.loss(audio, alens, char_ids)

@@ -36,10 +36,10 @@ class SpeechRun:
     revision: str | None = None                 # Hub branch, tag or commit of ``model`` (Hub ids only)
 
     def __post_init__(self):
-        for k in ("adaptor_layers", "adaptor_subsample"):
-            if getattr(self, k) < (0 if k == "adaptor_layers" else 1):
-                raise KappaTuneError(f"{k.replace('_', '-')} must be {'>= 0' if k == 'adaptor_layers' else '>= 1'}, "
-                                     f"got {getattr(self, k)}")
+        if self.adaptor_layers < 0:
+            raise KappaTuneError(f"adaptor-layers must be >= 0, got {self.adaptor_layers}")
+        if self.adaptor_subsample < 1:
+            raise KappaTuneError(f"adaptor-subsample must be >= 1, got {self.adaptor_subsample}")
 
 
 def prepare_llm(llm, order: str, budget_params: int, seed: int):

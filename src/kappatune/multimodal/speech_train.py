@@ -169,7 +169,8 @@ def evaluate_frames(model, tok, frames: list[torch.Tensor], refs: list[str], max
 def ctc_read(model, frames: list[torch.Tensor], refs: list[str], batch_size: int = 16) -> float:
     """CER of the CTC head's best-path reading of the adaptor's outputs against the normalised references:
     whether the audio's content reaches the vectors the LLM reads, with the LLM out of the loop."""
-    from .ctc import CHARS
+    from .adaptor import pad_frames
+    from .ctc import char_text
     from .model import word_error_rates
 
     was_training = model.adaptor.training
@@ -177,13 +178,11 @@ def ctc_read(model, frames: list[torch.Tensor], refs: list[str], batch_size: int
     hyps: list[str] = []
     try:
         for i in range(0, len(frames), batch_size):
-            chunk = frames[i:i + batch_size]
-            lens = torch.tensor([f.shape[0] for f in chunk], device=chunk[0].device)
-            out, out_lens = model.adaptor(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lens)
+            out, out_lens = model.adaptor(*pad_frames(frames[i:i + batch_size]))
             hyps += model.adaptor.ctc_head.greedy(out, out_lens)
     finally:
         model.adaptor.train(was_training)
-    wanted = ["".join(CHARS[c - 1] for c in char_targets(r)) for r in refs]
+    wanted = [char_text(char_targets(r)) for r in refs]
     return word_error_rates(wanted, hyps)["cer"]
 
 
