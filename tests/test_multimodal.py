@@ -554,3 +554,56 @@ def test_ctc_greedy_merges_repeats_and_drops_blanks():
         x[0, j // 2, (j % 2) * CTC_VOCAB + sym] = 5.0
     assert head.greedy(x, torch.tensor([4])) == ["aab"]
     assert head.greedy(x, torch.tensor([1])) == ["a"]  # frames past the length are ignored
+
+
+def test_shortened_encoder_window_keeps_the_first_positions():
+    """shorten_window: the positional table's first rows, the config and the frames' count follow the window;
+    at the encoder's own window nothing changes (bit-identical frames); out-of-range windows are refused."""
+    from kappatune.errors import KappaTuneError
+    from kappatune.multimodal.encoders import shorten_window
+
+    full = _tiny_encoder()
+    table = full.embed_positions.weight.detach().clone()
+    feats = torch.randn(2, 8, 40)
+    ref = full(feats).last_hidden_state
+    same = shorten_window(_tiny_encoder(), 0.4)
+    assert torch.equal(same(feats).last_hidden_state, ref)
+    short = shorten_window(_tiny_encoder(), 0.2)
+    assert short.config.max_source_positions == 10
+    assert torch.equal(short.embed_positions.weight, table[:10])
+    out = short(feats[..., :20]).last_hidden_state
+    assert out.shape == (2, 10, 16)
+    for bad in (0.0, 0.5):
+        with pytest.raises(KappaTuneError, match="--encoder-window must be in"):
+            shorten_window(_tiny_encoder(), bad)
+
+
+def test_encoder_window_through_the_cli_is_recorded_and_reused(tmp_path, lm_folder):
+    """train-speech --encoder-window: clips are checked against the shorter window, the window is saved with
+    the model, and eval-speech encodes with it again (its WER equals training's final WER)."""
+    import json
+
+    from transformers import WhisperModel
+
+    from conftest import one_line_error, run
+
+    enc_dir = tmp_path / "whisper"
+    WhisperModel(_tiny_encoder().config).save_pretrained(enc_dir)
+    train = _wav_manifest(tmp_path, ["go left", "go right", "stop now"], "train.jsonl", seconds=0.2)
+    test = _wav_manifest(tmp_path, ["go left", "stop"], "test.jsonl", seconds=0.2)
+    out = tmp_path / "out"
+    common = ("--encoder", str(enc_dir), "--budget-params", "0", "--max-steps", "2", "--batch-size", "2",
+              "--control", "none", "--adaptor-heads", "4")
+    r = run("train-speech", str(lm_folder), "--manifest", str(train), "--test", str(test), *common,
+            "--encoder-window", "0.2", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "model" / "adaptor.json").read_text())["encoder_window_s"] == 0.2
+    res = json.loads(r.stdout)
+    ev = run("eval-speech", str(out), "--manifest", str(test))
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["wer"] == pytest.approx(res["final"]["wer"])
+    longer = _wav_manifest(tmp_path, ["go"], "long.jsonl", seconds=0.3)  # fits 0.4 s, not the 0.2 s window
+    one_line_error(run("eval-speech", str(out), "--manifest", str(longer)), "longer than the encoder's 0.2 s")
+    one_line_error(run("train-speech", str(lm_folder), "--manifest", str(train), *common, "--encoder-window", "1",
+                       "-o", str(tmp_path / "o2")), "--encoder-window must be in (0, 0.4]")
+    assert not (tmp_path / "o2").exists()

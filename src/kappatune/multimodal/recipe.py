@@ -23,6 +23,7 @@ class SpeechRun:
     output: str
     test: str | None = None                     # test manifest for WER/CER during and after training
     encoder: str = "whisper-tiny"
+    encoder_window_s: float | None = None       # cut the encoder to this window (None: its own, 30 s)
     order: str = "lowest"                       # which LLM tensors train (a kappatune.policies order)
     budget_params: int | str = "2M"             # trainable LLM parameters; 0: adaptor only
     adaptor_heads: int | None = None            # default: the LLM's attention heads
@@ -77,8 +78,8 @@ def run_train_speech(run: SpeechRun) -> dict:
     test_rows = load_manifest(run.test) if run.test else []
     budget = parse_size(run.budget_params)
     control = control_text(run.control)
-    check_clips(train_rows + test_rows, encoder_window_s(run.encoder))
-    encoder = load_encoder(run.encoder)
+    check_clips(train_rows + test_rows, encoder_window_s(run.encoder, run.encoder_window_s))
+    encoder = load_encoder(run.encoder, run.encoder_window_s)
     fe, n_frames = feature_extractor(encoder)
     llm, tok = load_model(run.model, revision=run.revision)
     sel = prepare_llm(llm, run.order, budget, run.seed)
@@ -90,21 +91,23 @@ def run_train_speech(run: SpeechRun) -> dict:
     if sel is not None:
         sel.save(os.path.join(run.output, "selection.json"))
     cache = None if run.frames_cache == "none" else (run.frames_cache or frames_cache_dir())
-    meta = {"encoder": run.encoder, "order": run.order if budget else "none", "budget_params": budget}
+    meta = {"encoder": run.encoder, "encoder_window_s": run.encoder_window_s,
+            "order": run.order if budget else "none", "budget_params": budget}
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its metrics; stdout is for results
         return train_speech(model, tok, fe, train_rows, test_rows, run.output, run.train, n_frames,
                             control_text=control, cache_dir=cache, meta=meta)
 
 
-def speech_model_folder(spec: str) -> tuple[str, str | None]:
-    """(model folder, encoder recorded with it) of a train-speech output folder or checkpoint."""
+def speech_model_folder(spec: str) -> tuple[str, dict]:
+    """(model folder, its adaptor.json: the encoder and window recorded with it) of a train-speech output
+    folder or checkpoint."""
     from .speech_train import ADAPTOR_CONFIG
 
     folder = os.path.join(spec, "model") if os.path.isdir(os.path.join(spec, "model")) else spec
     if not os.path.exists(os.path.join(folder, ADAPTOR_CONFIG)):
         raise KappaTuneError(f"{spec}: no {ADAPTOR_CONFIG} (give a train-speech output folder or checkpoint)")
     with open(os.path.join(folder, ADAPTOR_CONFIG), encoding="utf-8") as f:
-        return folder, json.load(f).get("encoder")
+        return folder, json.load(f)
 
 
 def evaluate_speech(run_folder: str, manifest: str, *, encoder: str | None = None, control: str | None = None,
@@ -123,10 +126,11 @@ def evaluate_speech(run_folder: str, manifest: str, *, encoder: str | None = Non
     rows = load_manifest(manifest)[:limit] if limit else load_manifest(manifest)
     if not rows:
         raise KappaTuneError(f"{manifest}: no clips")
-    enc_spec = encoder or recorded or "whisper-tiny"
+    enc_spec = encoder or recorded.get("encoder") or "whisper-tiny"
+    window = recorded.get("encoder_window_s")  # the adaptor was trained on frames of this window
     text = control_text(control)
-    check_clips(rows, encoder_window_s(enc_spec))
-    enc = load_encoder(enc_spec)
+    check_clips(rows, encoder_window_s(enc_spec, window))
+    enc = load_encoder(enc_spec, window)
     fe, n_frames = feature_extractor(enc)
     with contextlib.redirect_stdout(sys.stderr):
         model, tok, _ = load_speech_model(folder, enc)
