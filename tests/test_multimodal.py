@@ -100,8 +100,9 @@ def test_word_error_rates():
     assert r["wer"] == pytest.approx(1 / 4) and 0 < r["cer"] < 0.2
 
 
-def _wav_manifest(tmp_path, texts, name="m.jsonl", seconds=0.4, rate=16000):
-    """Tones of ``seconds`` as WAV clips (the tiny encoder's window is 0.4 s: 20 positions x 2 x 10 ms)."""
+def _wav_manifest(tmp_path, texts, name="m.jsonl", seconds=0.4, rate=16000, freqs=None):
+    """Tones of ``seconds`` as WAV clips (the tiny encoder's window is 0.4 s: 20 positions x 2 x 10 ms); clip i
+    at ``freqs[i]`` Hz (default 200 + 150 i: close tones, which 8 mel bins barely tell apart)."""
     import json
     import wave
 
@@ -110,7 +111,8 @@ def _wav_manifest(tmp_path, texts, name="m.jsonl", seconds=0.4, rate=16000):
     rows = []
     for i, text in enumerate(texts):
         t = np.arange(int(rate * seconds)) / rate
-        pcm = (0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) * 32767).astype("<i2")
+        hz = freqs[i] if freqs else 200 + 150 * i
+        pcm = (0.3 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2")
         p = tmp_path / f"{name}-{i}.wav"
         with wave.open(str(p), "wb") as w:
             w.setnchannels(1)
@@ -607,3 +609,27 @@ def test_encoder_window_through_the_cli_is_recorded_and_reused(tmp_path, lm_fold
     one_line_error(run("train-speech", str(lm_folder), "--manifest", str(train), *common, "--encoder-window", "1",
                        "-o", str(tmp_path / "o2")), "--encoder-window must be in (0, 0.4]")
     assert not (tmp_path / "o2").exists()
+
+
+def test_short_train_speech_run_lowers_the_loss_and_learns_to_use_the_audio(tmp_path):
+    """24 steps on 4 clips (tones in different mel bins, distinct texts): the teacher-forced loss of the texts
+    given their own audio falls, and ends below the loss given another clip's audio (the model reads it)."""
+    from transformers import WhisperFeatureExtractor
+
+    from kappatune.multimodal.speech_train import SpeechTrainConfig, load_manifest, train_speech
+
+    texts = ["go left", "go right", "stop now", "turn back"]
+    manifest = load_manifest(str(_wav_manifest(tmp_path, texts, freqs=[300, 1200, 2800, 6000])))
+    encoder = _tiny_encoder()
+    with torch.no_grad():  # a random tiny encoder's frames are mostly its positional table: let the audio through
+        encoder.conv1.weight.mul_(100)
+    llm, tok = make_lm("llama", seed=0)
+    kappatune.apply(llm, kappatune.select(kappatune.scan(llm, cache=False), count=14))
+    model = SpeechLLM(encoder, llm, subsample=4, heads=4, layers=2)
+    res = train_speech(model, tok, WhisperFeatureExtractor(feature_size=8), manifest, manifest,
+                       str(tmp_path / "out"), SpeechTrainConfig(epochs=12, batch_size=2, lr=1e-2, logging_steps=1),
+                       n_frames=40)
+    start, end = res["history"][0], res["final"]
+    assert res["steps"] == 24 and res["trainable"]["llm_tensors"] == 14
+    assert end["loss_right_audio"] < start["loss_right_audio"] - 0.2
+    assert end["audio_gap"] > 0.02
