@@ -1,9 +1,10 @@
 """Does a shorter encoder window cost accuracy? (issue 15; docs/speech.md "A shorter encoder window")
 
-For each window: encode the training and test manifests with the frozen Whisper encoder cut to that window
-(timed), train the adaptor with the character-CTC stage alone (the same seed, steps and batches for every
-window), and read each test set back through the CTC head (character error rate). No LLM is involved, so this
-isolates what the window does to the encoder's frames. Writes one JSON per window into --out.
+For each window: encode the training manifest (through the frames cache) and the test manifests (afresh,
+timed) with the frozen Whisper encoder cut to that window, train the adaptor with the character-CTC stage
+alone (the same seed, steps and batches for every window), and read each test set back through the CTC head
+(character error rate). No LLM is involved, so this isolates what the window does to the encoder's frames.
+Writes one JSON per window into --out.
 
   python scripts/speech_window_probe.py --windows 30,14 --train data/speech/probe_train.jsonl \
       --test data/speech/probe_test.jsonl --test data/speech/probe_test_unseen.jsonl --out docs/results/speech-window

