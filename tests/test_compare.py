@@ -75,6 +75,16 @@ def test_lab_protocol_sweep_choose_seed_contrast_and_resume(setup, monkeypatch):
     assert "Paired contrasts" in md and "[" in md
     sweep_rows = md.split("Every finished sweep run")[1].strip().splitlines()[4:]
     assert len(sweep_rows) == len(out["sweep"]) == 6 and all(row.startswith("| ") for row in sweep_rows)
+    # 6. the equal-accuracy view: each method's forgetting read off its own sweep at shared accuracies
+    from kappatune.frontier import accuracy_levels, value_at_accuracy
+
+    view = out["at_accuracy"]
+    assert view["levels"] == accuracy_levels(out["base"]["accuracy"], out["sweep"])
+    metric = f"forgetting_dnll[{cfg.controls[0]}]"
+    for m, per_control in view["forgetting"].items():
+        runs = [r for r in out["sweep"] if r["method"] == m]
+        assert per_control[cfg.controls[0]] == [value_at_accuracy(runs, lv, metric) for lv in view["levels"]]
+    assert bool(view["levels"]) == ("at equal test accuracy" in md)
     for png in ("frontier_ctrl1_txt.png", "frontier_ctrl2_txt.png", "kappa_monitor.png", "kappa_heatmap.png"):
         assert open(os.path.join(folder, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # a run killed midway (no result.json) is redone; finished runs are not

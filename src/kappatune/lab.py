@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._io import atomic_write_json
 from .errors import KappaTuneError
+from .frontier import accuracy_levels, forgetting_at_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -501,9 +502,12 @@ def analyse(cfg: LabConfig, base: dict, sweep: list[dict], seeded: list[dict], c
         for k in ["accuracy", *[f"forgetting_dnll[{c}]" for c in cfg.controls], "generalisation_gap"]:
             iv = paired_contrast(_by_seed(seeded, a, k), _by_seed(seeded, b, k))
             contrasts.append({"a": a, "b": b, "metric": k, **iv.to_dict(), "verdict": verdict(iv)})
+    levels = accuracy_levels(base["accuracy"], sweep)
     return _finite({"config": asdict(cfg), "base": base, "chosen_lr": chosen, "best_peer": peer,
                     "per_method": per_method, "contrasts": contrasts, "sweep": sweep, "runs": seeded,
-                    "kappa_vs_forgetting": kappa_vs_forgetting(cfg, sweep + seeded)})
+                    "kappa_vs_forgetting": kappa_vs_forgetting(cfg, sweep + seeded),
+                    "at_accuracy": {"levels": levels,
+                                    "forgetting": forgetting_at_accuracy(sweep, levels, list(cfg.controls))}})
 
 
 def _fmt_iv(iv: dict, fmt: str) -> str:
@@ -545,7 +549,24 @@ def markdown(out: dict) -> str:
               "| a | b | metric | n | mean [95% interval] | verdict |", "|---|---|---|---|---|---|"]
     for c in out["contrasts"]:
         lines.append(f"| {c['a']} | {c['b']} | {c['metric']} | {c['n']} | {_fmt_iv(c, '{:+.4f}')} | {c['verdict']} |")
-    return "\n".join(lines + monitor_lines(out) + sweep_table(out)) + "\n"
+    return "\n".join(lines + monitor_lines(out) + equal_accuracy_table(out) + sweep_table(out)) + "\n"
+
+
+def equal_accuracy_table(out: dict) -> list[str]:
+    """Forgetting at shared accuracies, interpolated along each method's sweep (frontier.py says how)."""
+    view = out.get("at_accuracy") or {}
+    levels, rows = view.get("levels") or [], view.get("forgetting") or {}
+    if not levels or not rows:
+        return []
+    lines = []
+    for c in out["config"]["controls"]:
+        lines += ["", f"Forgetting (dNLL, {c}) at equal test accuracy, interpolated along each method's seed-0 "
+                      "sweep (blank: its sweep never reached that accuracy; one seed, no interval):", "",
+                  "| method | " + " | ".join(f"acc {lv:.2f}" for lv in levels) + " |", "|---|" + "---|" * len(levels)]
+        for m, per_control in rows.items():
+            cells = ["" if v is None else f"{v:+.3f}" for v in per_control[c]]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def monitor_lines(out: dict) -> list[str]:
