@@ -1,4 +1,4 @@
-"""What the frozen encoder's own decoder reads (issue 15; docs/speech.md "A reference: Whisper's own decoder")
+"""What the frozen encoder's own decoder reads (issue 15; docs/speech.md "What the frozen encoder supports")
 
 Algorithm 2 freezes Whisper tiny.en's encoder and asks an adaptor plus an LLM to read its frames. Whisper's own
 decoder was trained for exactly that on 680k hours: its WER on our clips is what those frames support when
@@ -6,7 +6,8 @@ read by a decoder built for them, so it is the reference the speech recipe's WER
 target it must beat: that decoder saw far more speech than 4,000 espeak clips). Greedy decoding through
 CTranslate2 (the same tiny.en weights train-speech encodes with), English, no timestamps, 30 s windows.
 Writes one JSON per manifest: WER/CER on the exact strings as eval-speech scores them (case and punctuation
-count), the WER with both sides lower-cased and stripped of punctuation, and three example transcripts.
+count), WER/CER after the CTC stage's normalisation (lower case, no punctuation: comparable with a run's
+ctc_cer), plain WER per voice, and three example transcripts.
 
   python scripts/speech_whisper_reference.py --test data/speech/probe_test.jsonl \
       --test data/speech/probe_test_unseen.jsonl --out docs/results/speech-reference
@@ -21,15 +22,15 @@ import time
 import numpy as np
 
 from kappatune._io import atomic_write_json
+from kappatune.multimodal.ctc import char_targets, char_text
 from kappatune.multimodal.encoders import encoder_folder
 from kappatune.multimodal.model import word_error_rates
 from kappatune.multimodal.speech_train import load_manifest, read_wav_16k
 
 
 def _plain(text: str) -> str:
-    """Lower case, letters, digits and spaces only: the WER a reader would count, beside eval-speech's exact one."""
-    kept = "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower())
-    return " ".join(kept.split())
+    """The CTC stage's normalisation (lower case, no punctuation), so plain CER compares with its ctc_cer."""
+    return char_text(char_targets(text))
 
 
 def _by_voice(rows: list[dict], hyps: list[str]) -> dict:
@@ -83,7 +84,8 @@ def main() -> None:
         name = os.path.splitext(os.path.basename(manifest))[0]
         record = {"manifest": name, "clips": len(rows), "decoder": f"{args.encoder} (CTranslate2, greedy)",
                   **word_error_rates(refs, hyps),
-                  "wer_plain": word_error_rates([_plain(r) for r in refs], [_plain(h) for h in hyps])["wer"],
+                  **{f"{k}_plain": v for k, v in word_error_rates([_plain(r) for r in refs],
+                                                                  [_plain(h) for h in hyps]).items()},
                   "by_voice": _by_voice(rows, hyps), "s_per_clip": (time.perf_counter() - t0) / len(rows),
                   "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[:3], hyps[:3])]}
         tag = os.path.basename(os.path.normpath(args.encoder))
