@@ -404,6 +404,20 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     assert ev["wer"] == pytest.approx(res["final"]["wer"]) and ev["clips"] == 2
     assert ev["dppl"] == pytest.approx(res["final"]["dppl"], abs=1e-6)
     assert len(json.loads((tmp_path / "ev.json").read_text())["transcripts"]) == 2
+    # another arm starts from that run's CTC stage: the same starting adaptor, so the same step-0 CTC reading
+    common = ["train-speech", str(lm_folder), "--manifest", str(train), "--test", str(test), "--encoder",
+              str(enc_dir), "--max-steps", "1", "--batch-size", "2", "--control", "none", "--adaptor-heads", "4",
+              "--adaptor-out-norm", "--budget-params", "0", "--ctc-weight", "0.5", "--ctc-stage-from", str(out)]
+    r = run(*common, "--adaptor-subsample", "8", "-o", str(tmp_path / "arm"))
+    assert r.returncode == 0, r.stderr
+    arm = json.loads(r.stdout)
+    assert arm["ctc_stage"]["source"] == str(out) and arm["ctc_stage"]["steps"] == 4
+    step0 = [json.loads((d / "speech_eval_step0.json").read_text())["ctc_cer"] for d in (out, tmp_path / "arm")]
+    assert step0[0] == step0[1]
+    one_line_error(run(*common, "--adaptor-subsample", "4", "-o", str(tmp_path / "o4")), "subsample=8")
+    one_line_error(run(*common[:-1], str(tmp_path / "nowhere"), "-o", str(tmp_path / "o4")),
+                   "no finished CTC stage")
+    one_line_error(run(*common, "--ctc-steps", "3", "-o", str(tmp_path / "o4")), "replaces ctc_steps")
     # bad input: one line, exit 2
     one_line_error(run("eval-speech", str(lm_folder), "--manifest", str(test)), "adaptor.json")
     bad = tmp_path / "bad.jsonl"

@@ -62,6 +62,10 @@ def _register_train_speech(sub) -> None:
                    help="a first stage of N adaptor-only steps on the CTC loss alone, without the LLM (cheap "
                         "steps; needs --ctc-weight > 0)")
     p.add_argument("--ctc-lr", type=float, default=None, help="that stage's learning rate (default: --adaptor-lr)")
+    p.add_argument("--ctc-stage-from", metavar="FOLDER", default=None,
+                   help="start from the CTC stage another train-speech run trained (its output folder) instead "
+                        "of --ctc-steps: the arms of an ablation share one starting adaptor; refused if that "
+                        "stage was trained for another adaptor, encoder, window or LLM")
     p.add_argument("--frames-cache", help="folder for the frozen encoder's cached frames (default "
                                           "~/.cache/kappatune/speech-frames or $KAPPATUNE_SPEECH_CACHE_DIR; 'none')")
     p.add_argument("--seed", type=int, default=0)
@@ -76,7 +80,8 @@ def cmd_train_speech(a) -> int:
                              batch_size=a.batch_size, grad_accum=a.grad_accum, warmup_steps=a.warmup_steps,
                              seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit,
                              control_chunks=a.control_chunks, save_steps=a.save_steps, ctc_weight=a.ctc_weight,
-                             ctc_steps=a.ctc_steps, ctc_lr=a.ctc_lr)
+                             ctc_steps=a.ctc_steps, ctc_lr=a.ctc_lr,
+                             ctc_stage_from=a.ctc_stage_from)
     run = SpeechRun(model=a.model, manifest=a.manifest, output=a.output, test=a.test, encoder=a.encoder,
                     encoder_window_s=a.encoder_window,
                     order=a.order, budget_params=a.budget_params, adaptor_heads=a.adaptor_heads,

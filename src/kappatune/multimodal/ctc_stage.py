@@ -4,7 +4,10 @@ Why: with the LLM's loss only, the adaptor first learns a style prefix ("a sente
 thousands of steps to carry the audio's content (issue 15's measurements). The CTC loss asks for the content
 directly, and a step without the LLM's forward and backward costs a small fraction of a full step, so many
 such steps fit before the LLM is involved. The stage's result is written next to the run (``ctc_stage.*``)
-so a rerun of the same command skips it.
+so a rerun of the same command skips it, and other runs can start from it (``--ctc-stage-from``: the arms of an
+ablation then share one starting adaptor, and the stage is paid once). The record holds a fingerprint of what
+the stage's weights depend on (the adaptor's structure, the encoder and its window, the LLM whose embedding
+scale the output norm starts at), so a stage is never loaded into a run it does not fit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import torch
 
 from .._io import atomic_write_json
+from ..errors import KappaTuneError
 from .adaptor import pad_frames
 
 log = logging.getLogger(__name__)
@@ -69,22 +73,48 @@ def stage_record(out_dir: str) -> dict | None:
         return json.load(f)
 
 
-def run_ctc_stage(adaptor, frames, char_ids, out_dir: str, *, steps: int, lr: float, batch_size: int,
-                  seed: int) -> dict:
-    """The stage once per output folder: trained and saved, or the saved result loaded into ``adaptor``."""
-    from safetensors.torch import load_file, save_file
+def require_stage(folder: str, expected: dict | None = None) -> dict:
+    """The record of the finished stage in ``folder``, checked against the ``expected`` fingerprint entries
+    (only the keys given: what is known before the models load, so a wrong --ctc-stage-from fails at once);
+    a one-line KappaTuneError naming the first difference."""
+    record = stage_record(folder) if os.path.isdir(folder) else None
+    if record is None or not os.path.exists(os.path.join(folder, STAGE_WEIGHTS)):
+        raise KappaTuneError(f"{folder}: no finished CTC stage ({STAGE_RECORD} and {STAGE_WEIGHTS}); run "
+                             f"train-speech there with --ctc-steps first")
+    saved = record.get("fingerprint", {})
+    for key in sorted(expected or {}):
+        if saved.get(key) != expected[key]:
+            raise KappaTuneError(f"the CTC stage in {folder} was trained with {key}={saved.get(key)!r}, this run "
+                                 f"has {key}={expected[key]!r}")
+    return record
 
-    weights, record = os.path.join(out_dir, STAGE_WEIGHTS), os.path.join(out_dir, STAGE_RECORD)
-    done = stage_record(out_dir)
-    if done is not None:
-        adaptor.load_state_dict(load_file(weights))
-        return done
+
+def load_ctc_stage(adaptor, folder: str, fingerprint: dict) -> dict:
+    """Load the stage saved in ``folder`` into ``adaptor`` after checking that it was trained for this run's
+    adaptor, encoder and LLM (every key of either fingerprint); returns its record."""
+    from safetensors.torch import load_file
+
+    saved = require_stage(folder).get("fingerprint", {})
+    record = require_stage(folder, {k: fingerprint.get(k) for k in set(saved) | set(fingerprint)})
+    adaptor.load_state_dict(load_file(os.path.join(folder, STAGE_WEIGHTS)))
+    return record
+
+
+def run_ctc_stage(adaptor, frames, char_ids, out_dir: str, *, steps: int, lr: float, batch_size: int,
+                  seed: int, fingerprint: dict | None = None) -> dict:
+    """The stage once per output folder: trained and saved, or the saved result loaded into ``adaptor``."""
+    from safetensors.torch import save_file
+
+    fingerprint = fingerprint or {}
+    if stage_record(out_dir) is not None:
+        return load_ctc_stage(adaptor, out_dir, fingerprint)
     t0 = time.perf_counter()
     history = ctc_pretrain(adaptor, frames, char_ids, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-    res = {"steps": steps, "lr": lr, "batch_size": batch_size, "wall_s": time.perf_counter() - t0,
-           "history": history}
+    res = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "clips": len(frames),
+           "wall_s": time.perf_counter() - t0, "fingerprint": fingerprint, "history": history}
+    weights = os.path.join(out_dir, STAGE_WEIGHTS)
     tmp = weights + ".tmp"
     save_file({k: v.detach().contiguous() for k, v in adaptor.state_dict().items()}, tmp)
     os.replace(tmp, weights)
-    atomic_write_json(record, res)  # written last: the stage's done marker
+    atomic_write_json(os.path.join(out_dir, STAGE_RECORD), res)  # written last: the stage's done marker
     return res

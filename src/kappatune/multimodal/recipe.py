@@ -79,6 +79,13 @@ def run_train_speech(run: SpeechRun) -> dict:
     budget = parse_size(run.budget_params)
     control = control_text(run.control)
     check_clips(train_rows + test_rows, encoder_window_s(run.encoder, run.encoder_window_s))
+    if run.train.ctc_stage_from:
+        from .ctc_stage import require_stage
+
+        require_stage(run.train.ctc_stage_from, {
+            "encoder": run.encoder, "encoder_window_s": run.encoder_window_s, "llm": run.model,
+            "subsample": run.adaptor_subsample, "layers": run.adaptor_layers, "out_norm": run.adaptor_out_norm,
+            **({"heads": run.adaptor_heads} if run.adaptor_heads else {})})
     encoder = load_encoder(run.encoder, run.encoder_window_s)
     fe, n_frames = feature_extractor(encoder)
     llm, tok = load_model(run.model, revision=run.revision)
@@ -91,7 +98,7 @@ def run_train_speech(run: SpeechRun) -> dict:
     if sel is not None:
         sel.save(os.path.join(run.output, "selection.json"))
     cache = None if run.frames_cache == "none" else (run.frames_cache or frames_cache_dir())
-    meta = {"encoder": run.encoder, "encoder_window_s": run.encoder_window_s,
+    meta = {"encoder": run.encoder, "encoder_window_s": run.encoder_window_s, "llm": run.model,
             "order": run.order if budget else "none", "budget_params": budget}
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its metrics; stdout is for results
         return train_speech(model, tok, fe, train_rows, test_rows, run.output, run.train, n_frames,

@@ -242,6 +242,7 @@ class SpeechTrainConfig:
     ctc_weight: float = 0.0      # auxiliary character CTC loss on the adaptor's outputs (0: the paper's recipe)
     ctc_steps: int = 0           # a first stage of CTC-only adaptor steps, without the LLM (needs ctc_weight > 0)
     ctc_lr: float | None = None  # that stage's learning rate (None: adaptor_lr, else lr)
+    ctc_stage_from: str | None = None  # start from the CTC stage another run's folder holds (instead of ctc_steps)
     progress: bool = False
 
     def __post_init__(self):
@@ -259,6 +260,9 @@ class SpeechTrainConfig:
                                  f"ctc_steps {self.ctc_steps}, ctc_weight {self.ctc_weight}")
         if self.ctc_lr is not None and self.ctc_lr <= 0:
             raise KappaTuneError("learning rates must be positive")
+        if self.ctc_stage_from and (self.ctc_steps or self.ctc_weight <= 0):
+            raise KappaTuneError("ctc_stage_from replaces ctc_steps (give one of them) and needs ctc_weight > 0 "
+                                 "(the CTC head the stage trained)")
 
 
 class _FramesDataset(torch.utils.data.Dataset):
@@ -302,6 +306,15 @@ def _trainer_cls():
     return SpeechTrainer
 
 
+def adaptor_structure(model) -> dict:
+    """What rebuilds a SpeechLLM's adaptor (saved in adaptor.json, and part of a CTC stage's fingerprint)."""
+    ad = model.adaptor
+    return {"enc_dim": ad.proj.in_features // ad.subsample, "llm_dim": ad.proj.out_features,
+            "subsample": ad.subsample, "heads": ad.blocks[0].attn.num_heads if len(ad.blocks) else 1,
+            "layers": len(ad.blocks), "frames_per_feature": model.frames_per_feature,
+            "out_norm": ad.out_norm is not None}
+
+
 def save_speech_model(model, tok, folder: str, meta: dict | None = None, *, keep_aux: bool = True) -> None:
     """Write adaptor.safetensors, adaptor.json and llm/ (save_pretrained + tokenizer) into ``folder``;
     ``keep_aux=False`` leaves out the training-only CTC head (the final model does not need it)."""
@@ -312,11 +325,7 @@ def save_speech_model(model, tok, folder: str, meta: dict | None = None, *, keep
     keep_ctc = keep_aux and ad.ctc_head is not None
     save_file({k: v.detach().contiguous() for k, v in ad.state_dict().items()
                if keep_ctc or not k.startswith("ctc_head.")}, os.path.join(folder, ADAPTOR_WEIGHTS))
-    cfg = {"enc_dim": ad.proj.in_features // ad.subsample, "llm_dim": ad.proj.out_features,
-           "subsample": ad.subsample, "heads": ad.blocks[0].attn.num_heads if len(ad.blocks) else 1,
-           "layers": len(ad.blocks), "frames_per_feature": model.frames_per_feature,
-           "ctc_weight": model.ctc_weight if keep_ctc else 0.0, "out_norm": ad.out_norm is not None,
-           **(meta or {})}
+    cfg = {**adaptor_structure(model), "ctc_weight": model.ctc_weight if keep_ctc else 0.0, **(meta or {})}
     with open(os.path.join(folder, ADAPTOR_CONFIG), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     model.llm.save_pretrained(os.path.join(folder, "llm"))
@@ -470,6 +479,27 @@ def _history(start_path: str, log_history: list[dict]) -> tuple[list[dict], list
     return history, losses
 
 
+def _ctc_stage(model, data, out_dir: str, cfg: SpeechTrainConfig, meta: dict | None, resume) -> dict | None:
+    """The CTC stage's record, after training it here (``ctc_steps``) or loading another run's
+    (``ctc_stage_from``) into the adaptor; a resumed run's checkpoint already holds the adaptor, so only the
+    record is read then."""
+    from .ctc_stage import load_ctc_stage, run_ctc_stage, stage_record
+
+    if not cfg.ctc_steps and not cfg.ctc_stage_from:
+        return None
+    # what the stage's weights depend on besides the data: loading it elsewhere is refused on a difference
+    fingerprint = {**adaptor_structure(model), **{k: (meta or {}).get(k) for k in ("encoder", "encoder_window_s", "llm")}}
+    if cfg.ctc_stage_from:
+        if resume:
+            return dict(stage_record(cfg.ctc_stage_from) or {}, source=cfg.ctc_stage_from)
+        return dict(load_ctc_stage(model.adaptor, cfg.ctc_stage_from, fingerprint), source=cfg.ctc_stage_from)
+    if resume:
+        return stage_record(out_dir)
+    return run_ctc_stage(model.adaptor, data.train_frames, data.char_ids, out_dir, steps=cfg.ctc_steps,
+                         lr=cfg.ctc_lr or cfg.adaptor_lr or cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                         fingerprint=fingerprint)
+
+
 def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg: SpeechTrainConfig,
                  n_frames: int, *, control_text: str | None = None, cache_dir: str | None = None,
                  meta: dict | None = None) -> dict:
@@ -501,14 +531,7 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
     args = _speech_args(cfg, ckpt_dir)
     resume = last_good_checkpoint(ckpt_dir)
     sub_frames, sub_refs = data.test_frames[: data.eval_count], data.test_refs[: data.eval_count]
-    stage = None
-    if cfg.ctc_steps:
-        from .ctc_stage import run_ctc_stage, stage_record
-
-        # a resumed run's checkpoint already holds the adaptor the stage trained: only its record is read
-        stage = stage_record(out_dir) if resume else run_ctc_stage(
-            model.adaptor, data.train_frames, data.char_ids, out_dir, steps=cfg.ctc_steps,
-            lr=cfg.ctc_lr or cfg.adaptor_lr or cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    stage = _ctc_stage(model, data, out_dir, cfg, meta, resume)
     start_path = os.path.join(out_dir, "speech_eval_step0.json")
     if not resume:
         rec0 = dict(measure(model, tok, sub_frames, sub_refs, data.control, data.base_ppl, cfg), step=0)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The paper's Figure 1 analogue on the recipe that puts the audio's content into the adaptor (issue 15):
+# a character-CTC stage of the adaptor alone on the 4,000 training clips (14 s encoder window, output norm),
+# then, from that one shared starting adaptor, STEPS steps through SmolLM2 with 2M LLM parameters chosen by
+# each order (lowest = KappaTune, highest, random, random-same-kind) and the adaptor-only control (budget 0),
+# at one LLM learning rate, per seed. Forgetting is measured on the news stories (the transcripts are
+# Wikipedia sentences); the audio gap (loss with another clip's audio minus loss with its own) is the
+# learning signal beside WER. Needs data/speech (docs/speech.md, "The recipe").
+#   bash scripts/speech_fig1.sh [seeds] [steps]     # defaults: "0", 300; ~30 min per arm on 2 cores
+# Resumable: a finished arm (speech_train.json present) is skipped, an interrupted one resumes from its
+# checkpoint. The stage is trained once, inside the seed-0 adaptor-only arm, and reused by every other arm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+SEEDS=${1:-0}
+STEPS=${2:-300}
+OUT=runs/speech-fig1
+STAGE=$OUT/adaptor-only-seed0
+COMMON=(smollm2 --manifest data/speech/train.jsonl --test data/speech/probe_test.jsonl --encoder-window 14
+        --adaptor-out-norm --ctc-weight 1 --max-steps "$STEPS" --batch-size 8 --lr 5e-4 --adaptor-lr 1e-3
+        --warmup-steps 30 --eval-every 50 --eval-limit 20 --control news --save-steps 50)
+mkdir -p "$OUT"
+arm() {  # arm NAME SEED ARGS...: one train-speech run, skipped when finished
+  local dir=$OUT/$1-seed$2
+  shift 2
+  [ -f "$dir/speech_train.json" ] && return 0
+  .venv/bin/kappatune train-speech "${COMMON[@]}" "$@" -o "$dir" > "$dir.json" 2> "$dir.log"
+}
+arm adaptor-only 0 --budget-params 0 --ctc-steps 3000 --seed 0
+for seed in $SEEDS; do
+  [ "$seed" = 0 ] || arm adaptor-only "$seed" --budget-params 0 --ctc-stage-from "$STAGE" --seed "$seed"
+  for order in lowest highest random random-same-kind; do
+    arm "$order" "$seed" --order "$order" --budget-params 2M --ctc-stage-from "$STAGE" --seed "$seed"
+  done
+done
