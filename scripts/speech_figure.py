@@ -1,9 +1,12 @@
-"""WER and forgetting over training steps for train-speech runs (the paper's Figure 1 analogue).
+"""WER, audio gap and forgetting over training steps for train-speech runs (the paper's Figure 1 analogue).
 
-    python scripts/speech_figure.py runs/speech-lowest runs/speech-highest runs/speech-random -o fig.png
+    python scripts/speech_figure.py runs/speech-fig1/*-seed* -o docs/img/speech_fig1.png [--examples]
 
-Prints a markdown table (final WER/CER on the whole test set, forgetting dPPL, train loss) and writes a
-two-panel PNG: WER on the evaluation clips and the LLM's control-perplexity increase against steps.
+Prints a markdown table, one row per run (final WER/CER and audio gap on the whole test set, the CTC head's
+reading, the LLM's control-perplexity increase, train loss), then one row per arm averaged over its seeds
+(runs named ARM-seedN), and with --examples three transcripts per run. Writes a three-panel PNG against
+steps: WER and audio gap on the evaluation clips, and the control-perplexity increase. A run folder with a
+news_forgetting.json (the older scripts/speech_ablation.sh) also gets that figure in its row.
 """
 
 from __future__ import annotations
@@ -11,51 +14,97 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+from collections import defaultdict
+
+
+def _load(run: str) -> dict:
+    with open(os.path.join(run, "speech_train.json"), encoding="utf-8") as f:
+        r = json.load(f)
+    r["name"] = os.path.basename(os.path.normpath(run))
+    news = os.path.join(run, "news_forgetting.json")
+    if os.path.exists(news):
+        with open(news, encoding="utf-8") as f:
+            r["news_dppl"] = json.load(f)["dppl"]
+    return r
+
+
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _row(r: dict) -> list:
+    fin = r["final"]
+    return [fin["wer"], fin["cer"], fin.get("audio_gap"), fin.get("ctc_cer"), fin.get("dppl", r.get("news_dppl")),
+            r["train_loss"]]
+
+
+def _tables(runs: list[dict], control: str) -> None:
+    cols = ["final WER", "final CER", "audio gap (nats)", "CTC CER", f"{control} dPPL", "train loss"]
+    specs = [".3f", ".3f", "+.3f", ".3f", "+.2f", ".3f"]
+    print("| run | trainable LLM params | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for r in runs:
+        vals = " | ".join(_fmt(v, s) for v, s in zip(_row(r), specs))
+        print(f"| {r['name']} | {r['trainable']['llm']:,} ({r['trainable']['llm_tensors']} tensors) | {vals} |")
+    arms = defaultdict(list)
+    for r in runs:
+        arms[re.sub(r"-seed\d+$", "", r["name"])].append(r)
+    if all(len(v) == 1 for v in arms.values()):
+        return
+    print("\nMean over seeds (per-seed values in the table above):\n")
+    print("| arm | seeds | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for arm, rs in arms.items():
+        rows = [_row(r) for r in rs]
+        means = [None if any(v[i] is None for v in rows) else sum(v[i] for v in rows) / len(rows)
+                 for i in range(len(cols))]
+        print(f"| {arm} | {len(rs)} | " + " | ".join(_fmt(m, s) for m, s in zip(means, specs)) + " |")
+
+
+def _examples(runs: list[dict]) -> None:
+    for r in runs:
+        print(f"\n{r['name']}:")
+        for ex in r["final"].get("examples", [])[:3]:
+            print(f"- ref: {ex['ref']!r}\n  hyp: {ex['hyp']!r}")
+
+
+def _plot(runs: list[dict], control: str, output: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("wer", "WER (evaluation clips)", "speech recognition"),
+              ("audio_gap", "wrong-audio minus right-audio loss (nats)", "does it listen?"),
+              ("dppl", f"{control} perplexity increase", "LLM forgetting")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for r in runs:
+        for ax, (key, _, _) in zip(axes, panels):
+            h = [x for x in r["history"] if x.get(key) is not None]
+            ax.plot([x["step"] for x in h], [x[key] for x in h], marker="o", markersize=3, label=r["name"])
+    for ax, (_, ylabel, title) in zip(axes, panels):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
     ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--control", default="news", help="name of the control text in the table (the runs' --control)")
+    ap.add_argument("--examples", action="store_true", help="also print three transcripts per run")
     a = ap.parse_args()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    print("| LLM tensors | trainable LLM params | final WER | final CER | Wikipedia dPPL (base) | news dPPL (base) "
-          "| train loss |")
-    print("|---|---|---|---|---|---|---|")
-    for run in a.runs:
-        with open(os.path.join(run, "speech_train.json"), encoding="utf-8") as f:
-            r = json.load(f)
-        order = r["meta"].get("order", os.path.basename(run))
-        h = [x for x in r["history"] if "wer" in x]
-        ax1.plot([x["step"] for x in h], [x["wer"] for x in h], marker="o", label=order)
-        d = [x for x in r["history"] if "dppl" in x]
-        ax2.plot([x["step"] for x in d], [x["dppl"] for x in d], marker="o", label=order)
-        fin = r["final"]
-        news = "n/a"
-        npath = os.path.join(run, "news_forgetting.json")
-        if os.path.exists(npath):
-            with open(npath, encoding="utf-8") as f:
-                nd = json.load(f)
-            news = f"{nd['dppl']:+.3f} ({nd['base_control_ppl']:.2f})"
-        print(f"| {order} | {r['trainable']['llm']:,} ({r['trainable']['llm_tensors']} tensors) | "
-              f"{fin['wer']:.3f} | {fin['cer']:.3f} | {fin.get('dppl', float('nan')):+.3f} "
-              f"({r['base_control_ppl']:.2f}) | {news} | {r['train_loss']:.3f} |")
-    ax1.set_xlabel("training step")
-    ax1.set_ylabel("WER (evaluation clips)")
-    ax1.set_title("speech recognition")
-    ax2.set_xlabel("training step")
-    ax2.set_ylabel("control PPL increase")
-    ax2.set_title("LLM perplexity change (Wikipedia sample)")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(a.output, dpi=110)
+    runs = [_load(r) for r in a.runs]
+    _tables(runs, a.control)
+    if a.examples:
+        _examples(runs)
+    _plot(runs, a.control, a.output)
 
 
 if __name__ == "__main__":

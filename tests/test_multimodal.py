@@ -408,16 +408,23 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     common = ["train-speech", str(lm_folder), "--manifest", str(train), "--test", str(test), "--encoder",
               str(enc_dir), "--max-steps", "1", "--batch-size", "2", "--control", "none", "--adaptor-heads", "4",
               "--adaptor-out-norm", "--budget-params", "0", "--ctc-weight", "0.5", "--ctc-stage-from", str(out)]
-    r = run(*common, "--adaptor-subsample", "8", "-o", str(tmp_path / "arm"))
+    r = run(*common, "--adaptor-subsample", "8", "--adaptor-bridge", "chars", "-o", str(tmp_path / "arm"))
     assert r.returncode == 0, r.stderr
     arm = json.loads(r.stdout)
     assert arm["ctc_stage"]["source"] == str(out) and arm["ctc_stage"]["steps"] == 4
+    saved = json.loads((tmp_path / "arm" / "model" / "adaptor.json").read_text())
+    assert len(saved["bridge_ids"]) == 38 and saved["ctc_weight"] == 0.5  # the head the bridge reads is kept
+    r = run("eval-speech", str(tmp_path / "arm"), "--manifest", str(test))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["wer"] == pytest.approx(arm["final"]["wer"])
     step0 = [json.loads((d / "speech_eval_step0.json").read_text())["ctc_cer"] for d in (out, tmp_path / "arm")]
     assert step0[0] == step0[1]
     one_line_error(run(*common, "--adaptor-subsample", "4", "-o", str(tmp_path / "o4")), "subsample=8")
     one_line_error(run(*common[:-1], str(tmp_path / "nowhere"), "-o", str(tmp_path / "o4")),
                    "no finished CTC stage")
     one_line_error(run(*common, "--ctc-steps", "3", "-o", str(tmp_path / "o4")), "replaces ctc_steps")
+    one_line_error(run(*common[:-4], "--adaptor-bridge", "chars", "-o", str(tmp_path / "o4")), "--ctc-weight > 0")
+    assert not (tmp_path / "o4").exists()
     # bad input: one line, exit 2
     one_line_error(run("eval-speech", str(lm_folder), "--manifest", str(test)), "adaptor.json")
     bad = tmp_path / "bad.jsonl"
@@ -647,3 +654,70 @@ def test_short_train_speech_run_lowers_the_loss_and_learns_to_use_the_audio(tmp_
     assert res["steps"] == 24 and res["trainable"]["llm_tensors"] == 14
     assert end["loss_right_audio"] < start["loss_right_audio"] - 0.2
     assert end["audio_gap"] > 0.02
+
+
+def test_bridge_compresses_like_the_best_path_and_mixes_the_llm_character_embeddings():
+    from kappatune.multimodal.bridge import bridge_embeddings, compress
+
+    g = torch.Generator().manual_seed(0)
+    paths = [[0, 1, 1, 0, 2, 2, 1], [0, 0, 0, 3, 3, 3, 3]]  # clip 1 is valid for its first 3 frames only
+    logits = torch.nn.functional.one_hot(torch.tensor(paths), 4).float() * 4 + 0.5 * torch.randn(2, 7, 4, generator=g)
+    logits.requires_grad_(True)
+    lengths = torch.tensor([7, 3])
+    assert [k.tolist() for k in compress(logits, lengths)] == [[1, 4, 6], [0]]  # all blank: the first frame
+    table = torch.randn(3, 5, generator=g)  # the LLM's embeddings of the 3 characters
+    out, lens = bridge_embeddings(logits, lengths, table)
+    assert lens.tolist() == [3, 1] and out.shape == (2, 3, 5)
+    for row, (clip, frame) in enumerate([(0, 1), (0, 4), (0, 6)]):
+        p = logits[clip, frame].detach().softmax(-1)[1:]
+        assert torch.allclose(out[0, row], (p / p.sum()) @ table, atol=1e-6)
+    p = logits[1, 0].detach().softmax(-1)[1:]
+    assert torch.allclose(out[1, 0], (p / p.sum()) @ table, atol=1e-6) and torch.equal(out[1, 1:], torch.zeros(2, 5))
+    out[0].sum().backward()  # the LM's loss reaches the head through the kept frames' probabilities only
+    assert logits.grad[0, [1, 4, 6]].abs().sum() > 0 and logits.grad[0, [0, 2, 3, 5]].abs().sum() == 0
+
+
+def test_bridge_needs_one_token_per_character():
+    from kappatune.errors import KappaTuneError
+    from kappatune.multimodal.bridge import char_token_ids
+    from kappatune.multimodal.ctc import CHARS
+
+    def one_each(text, add_special_tokens):
+        return {"input_ids": [CHARS.index(text) + 10]}
+
+    assert char_token_ids(one_each) == [i + 10 for i in range(len(CHARS))]
+
+    def two_for_digits(text, add_special_tokens):
+        return {"input_ids": [1, 2] if text.isdigit() else [3]}
+
+    with pytest.raises(KappaTuneError, match="'0' as 2 tokens"):
+        char_token_ids(two_for_digits)
+
+
+def test_speech_llm_reads_through_the_bridge_trains_the_head_and_reloads(tmp_path):
+    from kappatune.multimodal.ctc import CTC_VOCAB
+    from kappatune.multimodal.speech_train import load_speech_model, save_speech_model
+
+    enc = _tiny_encoder()
+    llm, tok = make_lm("llama")
+    with pytest.raises(ValueError, match="ctc_weight > 0"):
+        SpeechLLM(enc, llm, heads=4, layers=1, bridge_ids=list(range(CTC_VOCAB - 1)))
+    torch.manual_seed(0)
+    model = SpeechLLM(enc, llm, subsample=4, heads=4, layers=1, ctc_weight=0.5,
+                      bridge_ids=list(range(3, 3 + CTC_VOCAB - 1)))
+    frames = [torch.randn(12, 16), torch.randn(9, 16)]
+    from kappatune.multimodal.adaptor import pad_frames
+
+    audio, alens = model.adaptor(*pad_frames(frames))
+    emb, lens = model.llm_inputs(audio, alens)
+    assert emb.shape[-1] == llm.get_input_embeddings().embedding_dim and (lens <= alens * 4).all()
+    out = model.forward_frames(frames, [[5, 6], [7]], bos_id=1, eos_id=2)  # LM loss only: no char_ids
+    out.loss.backward()
+    assert model.adaptor.ctc_head.proj.weight.grad.abs().sum() > 0  # the LM loss trains the head through the bridge
+    save_speech_model(model, tok, str(tmp_path / "m"), keep_aux=False)  # the head stays: the bridge reads it
+    again, _, cfg = load_speech_model(str(tmp_path / "m"), enc)
+    assert cfg["bridge_ids"] == model.bridge_ids and again.adaptor.ctc_head is not None
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(again.forward_frames(frames, [[5, 6], [7]], 1, 2).loss,
+                              model.forward_frames(frames, [[5, 6], [7]], 1, 2).loss)

@@ -55,6 +55,10 @@ def _register_train_speech(sub) -> None:
     p.add_argument("--adaptor-out-norm", action="store_true",
                    help="RMS-normalise the adaptor's outputs, with a learnable gain started at the LLM's "
                         "token-embedding RMS (off: the paper's adaptor, whose outputs are ~10x larger)")
+    p.add_argument("--adaptor-bridge", choices=("none", "chars"), default="none",
+                   help="'chars': the LLM reads the CTC head's characters as a mix of its own character "
+                        "embeddings, one position per emitted character (needs --ctc-weight and a trained "
+                        "head: --ctc-steps or --ctc-stage-from); 'none': the adaptor's outputs (the paper)")
     p.add_argument("--ctc-weight", type=float, default=0.0,
                    help="weight of an auxiliary CTC loss of the adaptor's outputs against the transcript's "
                         "characters (a small head, dropped from model/ after training); 0: the paper's recipe")
@@ -86,7 +90,8 @@ def cmd_train_speech(a) -> int:
                     encoder_window_s=a.encoder_window,
                     order=a.order, budget_params=a.budget_params, adaptor_heads=a.adaptor_heads,
                     adaptor_layers=a.adaptor_layers, adaptor_subsample=a.adaptor_subsample,
-                    adaptor_out_norm=a.adaptor_out_norm, control=a.control, frames_cache=a.frames_cache, seed=a.seed,
+                    adaptor_out_norm=a.adaptor_out_norm, adaptor_bridge=a.adaptor_bridge, control=a.control,
+                    frames_cache=a.frames_cache, seed=a.seed,
                     train=loop, revision=a.revision)
     res = run_train_speech(run)
     write_json({k: v for k, v in res.items() if k not in ("history", "losses", "config")}, None)

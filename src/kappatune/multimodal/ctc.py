@@ -46,11 +46,15 @@ class CharCTCHead(nn.Module):
         self.per_position = per_position
         self.proj = nn.Linear(dim, per_position * CTC_VOCAB)
 
+    def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim) -> (B, T * per_position, CTC_VOCAB) logits, one row per CTC frame."""
+        b, t, _ = x.shape
+        return self.proj(x).view(b, t * self.per_position, CTC_VOCAB)
+
     def loss(self, x: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
         """Mean CTC loss per target character over the batch (clips whose audio is too short for their text
         contribute 0 instead of inf)."""
-        b, t, _ = x.shape
-        logp = self.proj(x).float().view(b, t * self.per_position, CTC_VOCAB).log_softmax(-1).transpose(0, 1)
+        logp = self.frame_logits(x).float().log_softmax(-1).transpose(0, 1)
         flat = torch.tensor([i for tgt in targets for i in tgt], dtype=torch.long, device=x.device)
         tgt_lens = torch.tensor([len(tgt) for tgt in targets], dtype=torch.long, device=x.device)
         return nn.functional.ctc_loss(logp, flat, lengths * self.per_position, tgt_lens, blank=0,
@@ -60,10 +64,9 @@ class CharCTCHead(nn.Module):
     def greedy(self, x: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         """Best-path decoding: the most likely symbol per CTC frame, repeats merged, blanks dropped. A direct
         read of what the adaptor's outputs carry, without the LLM."""
-        b, t, _ = x.shape
-        best = self.proj(x).view(b, t * self.per_position, CTC_VOCAB).argmax(-1)
+        best = self.frame_logits(x).argmax(-1)
         out = []
-        for i in range(b):
+        for i in range(x.shape[0]):
             ids = best[i, : int(lengths[i]) * self.per_position].tolist()
             kept = [c for j, c in enumerate(ids) if c != 0 and (j == 0 or c != ids[j - 1])]
             out.append(char_text(kept).strip())

@@ -23,8 +23,11 @@ class SpeechLLM(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, llm: nn.Module, *, subsample: int = 4, heads: int = 8,
-                 layers: int = 2, frames_per_feature: int = 2, ctc_weight: float = 0.0, out_norm: bool = False):
+                 layers: int = 2, frames_per_feature: int = 2, ctc_weight: float = 0.0, out_norm: bool = False,
+                 bridge_ids: list[int] | None = None):
         super().__init__()
+        if bridge_ids is not None and ctc_weight <= 0:
+            raise ValueError("the character bridge reads the CTC head: it needs ctc_weight > 0")
         self.encoder = encoder
         for p in self.encoder.parameters():
             p.requires_grad_(False)
@@ -34,6 +37,8 @@ class SpeechLLM(nn.Module):
                                      ctc_head=ctc_weight > 0, out_rms=embedding_rms(llm) if out_norm else None)
         self.ctc_weight = ctc_weight  # weight of the auxiliary character CTC loss (0: the paper's plain recipe)
         self.llm = llm
+        # the LLM token ids of the CTC characters when the LLM reads them through the bridge (bridge.py)
+        self.bridge_ids = None if bridge_ids is None else list(bridge_ids)
         self.frames_per_feature = frames_per_feature  # Whisper's conv stem halves the mel frames
         self.bos_id: int | None = None
         self.eos_id: int | None = None
@@ -58,7 +63,7 @@ class SpeechLLM(nn.Module):
         """Loss from cached encoder frames (list of (T_i, enc_dim)); with ``char_ids`` (the transcripts'
         characters, ``ctc.char_targets``) and a CTC head, plus ``ctc_weight`` x the character CTC loss."""
         audio, alens = self.adaptor(*pad_frames(frames))
-        out = self._lm(audio, alens, text_ids, bos_id, eos_id)
+        out = self._lm(*self.llm_inputs(audio, alens), text_ids, bos_id, eos_id)
         if char_ids is not None and self.adaptor.ctc_head is not None and self.ctc_weight > 0:
             out.loss = out.loss + self.ctc_weight * self.adaptor.ctc_head.loss(audio, alens, char_ids)
         return out
@@ -73,7 +78,18 @@ class SpeechLLM(nn.Module):
         if frames is not None:
             return self.forward_frames(frames, text_ids, bos_id, eos_id, char_ids)
         audio, alens = self.encode(features, feature_lens)
-        return self._lm(audio, alens, text_ids, bos_id, eos_id)
+        return self._lm(*self.llm_inputs(audio, alens), text_ids, bos_id, eos_id)
+
+    def llm_inputs(self, audio: torch.Tensor, alens: torch.Tensor):
+        """What the LLM reads for the audio: the adaptor's outputs, or through the character bridge the mix
+        of its own character embeddings at each character the CTC head emits (bridge.py)."""
+        if self.bridge_ids is None:
+            return audio, alens
+        from .bridge import bridge_embeddings
+
+        head = self.adaptor.ctc_head
+        table = self.llm.get_input_embeddings().weight[torch.tensor(self.bridge_ids, device=audio.device)]
+        return bridge_embeddings(head.frame_logits(audio), alens * head.per_position, table.to(audio.dtype))
 
     def _lm(self, audio, alens, text_ids, bos_id, eos_id):
         bos_id = self.bos_id if bos_id is None else bos_id
@@ -94,7 +110,7 @@ class SpeechLLM(nn.Module):
             outs = []
             for f in frames:
                 audio, alens = self.adaptor(f[None], torch.tensor([f.shape[0]], device=f.device))
-                outs += self._greedy(audio, alens, bos_id, eos_id, max_new_tokens)
+                outs += self._greedy(*self.llm_inputs(audio, alens), bos_id, eos_id, max_new_tokens)
             return outs
         finally:
             self.adaptor.train(was[0])
@@ -104,7 +120,7 @@ class SpeechLLM(nn.Module):
     def transcribe(self, features, feature_lens, bos_id: int, eos_id: int, max_new_tokens: int = 64) -> list[list[int]]:
         """Greedy decoding from [audio, BOS]; returns token ids per sample (without EOS)."""
         audio, alens = self.encode(features, feature_lens)
-        return self._greedy(audio, alens, bos_id, eos_id, max_new_tokens)
+        return self._greedy(*self.llm_inputs(audio, alens), bos_id, eos_id, max_new_tokens)
 
     def _greedy(self, audio, alens, bos_id: int, eos_id: int, max_new_tokens: int) -> list[list[int]]:
         emb_layer = self.llm.get_input_embeddings()

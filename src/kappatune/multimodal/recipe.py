@@ -30,6 +30,7 @@ class SpeechRun:
     adaptor_layers: int = 2
     adaptor_subsample: int = 4                  # encoder frames concatenated per adaptor output (the paper: 4)
     adaptor_out_norm: bool = False              # RMS-normalise the outputs to the LLM's embedding scale
+    adaptor_bridge: str = "none"                # 'chars': the LLM reads the CTC head's characters (bridge.py)
     control: str | None = "wikipedia"           # text for the LLM's forgetting: wikipedia | news | file | none
     frames_cache: str | None = None             # None: the default cache folder; 'none': no cache
     seed: int = 0
@@ -41,6 +42,11 @@ class SpeechRun:
             raise KappaTuneError(f"adaptor-layers must be >= 0, got {self.adaptor_layers}")
         if self.adaptor_subsample < 1:
             raise KappaTuneError(f"adaptor-subsample must be >= 1, got {self.adaptor_subsample}")
+        if self.adaptor_bridge not in ("none", "chars"):
+            raise KappaTuneError(f"adaptor-bridge must be 'none' or 'chars', got {self.adaptor_bridge!r}")
+        if self.adaptor_bridge == "chars" and self.train.ctc_weight <= 0:
+            raise KappaTuneError("adaptor-bridge chars reads the CTC head: give --ctc-weight > 0 (and train the "
+                                 "head first: --ctc-steps or --ctc-stage-from)")
 
 
 def prepare_llm(llm, order: str, budget_params: int, seed: int):
@@ -68,6 +74,7 @@ def run_train_speech(run: SpeechRun) -> dict:
     from ..data import control_text
     from ..models import load_model
     from ..policies import parse_size
+    from .bridge import char_token_ids
     from .encoders import encoder_window_s, feature_extractor, load_encoder
     from .model import SpeechLLM
     from .speech_train import check_clips, frames_cache_dir, load_manifest, train_speech
@@ -93,7 +100,8 @@ def run_train_speech(run: SpeechRun) -> dict:
     torch.manual_seed(run.seed)  # the same adaptor initialisation whatever the selection (ablations compare)
     model = SpeechLLM(encoder, llm, heads=run.adaptor_heads or max(1, llm.config.num_attention_heads),
                       layers=run.adaptor_layers, subsample=run.adaptor_subsample, ctc_weight=run.train.ctc_weight,
-                      out_norm=run.adaptor_out_norm)
+                      out_norm=run.adaptor_out_norm,
+                      bridge_ids=char_token_ids(tok) if run.adaptor_bridge == "chars" else None)
     os.makedirs(run.output, exist_ok=True)
     if sel is not None:
         sel.save(os.path.join(run.output, "selection.json"))

@@ -322,10 +322,12 @@ def save_speech_model(model, tok, folder: str, meta: dict | None = None, *, keep
 
     os.makedirs(folder, exist_ok=True)
     ad = model.adaptor
-    keep_ctc = keep_aux and ad.ctc_head is not None
+    # the head is training-only, unless the LLM reads the audio through it (the character bridge)
+    keep_ctc = (keep_aux or model.bridge_ids is not None) and ad.ctc_head is not None
     save_file({k: v.detach().contiguous() for k, v in ad.state_dict().items()
                if keep_ctc or not k.startswith("ctc_head.")}, os.path.join(folder, ADAPTOR_WEIGHTS))
-    cfg = {**adaptor_structure(model), "ctc_weight": model.ctc_weight if keep_ctc else 0.0, **(meta or {})}
+    cfg = {**adaptor_structure(model), "ctc_weight": model.ctc_weight if keep_ctc else 0.0,
+           "bridge_ids": model.bridge_ids, **(meta or {})}
     with open(os.path.join(folder, ADAPTOR_CONFIG), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     model.llm.save_pretrained(os.path.join(folder, "llm"))
@@ -364,7 +366,8 @@ def load_speech_model(folder: str, encoder):
         raise KappaTuneError(f"the encoder's width {encoder.config.d_model} differs from the adaptor's {cfg['enc_dim']}")
     model = SpeechLLM(encoder, llm, subsample=cfg["subsample"], heads=cfg["heads"],
                       layers=cfg["layers"], frames_per_feature=cfg.get("frames_per_feature", 2),
-                      ctc_weight=cfg.get("ctc_weight", 0.0), out_norm=cfg.get("out_norm", False))
+                      ctc_weight=cfg.get("ctc_weight", 0.0), out_norm=cfg.get("out_norm", False),
+                      bridge_ids=cfg.get("bridge_ids"))
     from safetensors.torch import load_file
 
     model.adaptor.load_state_dict(load_file(os.path.join(folder, ADAPTOR_WEIGHTS)))
