@@ -81,12 +81,15 @@ def require_stage(folder: str, expected: dict | None = None) -> dict:
     if record is None or not os.path.exists(os.path.join(folder, STAGE_WEIGHTS)):
         raise KappaTuneError(f"{folder}: no finished CTC stage ({STAGE_RECORD} and {STAGE_WEIGHTS}); run "
                              f"train-speech there with --ctc-steps first")
-    saved = record.get("fingerprint", {})
-    for key in sorted(expected or {}):
+    _check_fingerprint(folder, record.get("fingerprint", {}), expected or {})
+    return record
+
+
+def _check_fingerprint(folder: str, saved: dict, expected: dict) -> None:
+    for key in sorted(expected):
         if saved.get(key) != expected[key]:
             raise KappaTuneError(f"the CTC stage in {folder} was trained with {key}={saved.get(key)!r}, this run "
                                  f"has {key}={expected[key]!r}")
-    return record
 
 
 def load_ctc_stage(adaptor, folder: str, fingerprint: dict) -> dict:
@@ -94,8 +97,9 @@ def load_ctc_stage(adaptor, folder: str, fingerprint: dict) -> dict:
     adaptor, encoder and LLM (every key of either fingerprint); returns its record."""
     from safetensors.torch import load_file
 
-    saved = require_stage(folder).get("fingerprint", {})
-    record = require_stage(folder, {k: fingerprint.get(k) for k in set(saved) | set(fingerprint)})
+    record = require_stage(folder)
+    saved = record.get("fingerprint", {})
+    _check_fingerprint(folder, saved, {k: fingerprint.get(k) for k in set(saved) | set(fingerprint)})
     adaptor.load_state_dict(load_file(os.path.join(folder, STAGE_WEIGHTS)))
     return record
 
