@@ -69,14 +69,20 @@ def test_lab_protocol_sweep_choose_seed_contrast_and_resume(setup, monkeypatch):
     xs = [r["info"]["kappa_monitor"]["mean_abs_dlog10_kappa"] for r in sel.values()]
     ys = [r[f"forgetting_dnll[{cfg.controls[0]}]"] for r in sel.values()]
     assert kvf[f"r[{cfg.controls[0]}]"]["r"] == pytest.approx(correlation(xs, ys))
+    own = [r for r in sel.values() if r["method"] == "kappatune"]  # and each method on its own
+    assert kvf["per_method"]["kappatune"]["runs"] == len(own) == 3
+    assert kvf["per_method"]["kappatune"][f"r[{cfg.controls[0]}]"]["r"] == pytest.approx(correlation(
+        [r["info"]["kappa_monitor"]["mean_abs_dlog10_kappa"] for r in own],
+        [r[f"forgetting_dnll[{cfg.controls[0]}]"] for r in own]))
     folder = setup["output"]
     md = open(os.path.join(folder, "results.md")).read()
     assert "Kappa monitor over 6 selective runs" in md
+    assert "| kappatune | 3 | " in md.split("Per method (its sweep and seeds")[1]
     assert "Paired contrasts" in md and "[" in md
     sweep_rows = md.split("Every finished sweep run")[1].strip().splitlines()[4:]
     assert len(sweep_rows) == len(out["sweep"]) == 6 and all(row.startswith("| ") for row in sweep_rows)
     # 6. the equal-accuracy view: each method's forgetting read off its own sweep at shared accuracies
-    from kappatune.frontier import accuracy_levels, value_at_accuracy
+    from kappatune.frontier import accuracy_levels, bound_at_accuracy, value_at_accuracy
 
     view = out["at_accuracy"]
     assert view["levels"] == accuracy_levels(out["base"]["accuracy"], out["sweep"])
@@ -84,6 +90,8 @@ def test_lab_protocol_sweep_choose_seed_contrast_and_resume(setup, monkeypatch):
     for m, per_control in view["forgetting"].items():
         runs = [r for r in out["sweep"] if r["method"] == m]
         assert per_control[cfg.controls[0]] == [value_at_accuracy(runs, lv, metric) for lv in view["levels"]]
+        assert view["upper_bound"][m][cfg.controls[0]] == [bound_at_accuracy(runs, lv, metric)
+                                                           for lv in view["levels"]]
     assert bool(view["levels"]) == ("at equal test accuracy" in md)
     for png in ("frontier_ctrl1_txt.png", "frontier_ctrl2_txt.png", "kappa_monitor.png", "kappa_heatmap.png"):
         assert open(os.path.join(folder, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._io import atomic_write_json
 from .errors import KappaTuneError
-from .frontier import accuracy_levels, forgetting_at_accuracy
+from .frontier import accuracy_levels, bounds_at_accuracy, forgetting_at_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -479,12 +479,19 @@ def kappa_vs_forgetting(cfg: LabConfig, runs: list[dict]) -> dict:
     unique = {(r["method"], r["lr"], r["seed"]): r for r in runs}.values()
     chosen = [r for r in unique if get_method(base_method(cfg, r["method"])).family == "selective"
               and r.get("info", {}).get("kappa_monitor", {}).get("mean_abs_dlog10_kappa") is not None]
-    moved = [r["info"]["kappa_monitor"]["mean_abs_dlog10_kappa"] for r in chosen]
-    out = {"runs": len(chosen),
-           "median_dlog10_kappa": mean_interval([r.get("kappa_dlog10_median") for r in chosen]).to_dict()}
-    for c in cfg.controls:
-        out[f"r[{c}]"] = correlation(moved, [r.get(f"forgetting_dnll[{c}]") for r in chosen]).to_dict()
-    return out
+
+    def summary(rs: list[dict]) -> dict:
+        moved = [r["info"]["kappa_monitor"]["mean_abs_dlog10_kappa"] for r in rs]
+        out = {"runs": len(rs),
+               "median_dlog10_kappa": mean_interval([r.get("kappa_dlog10_median") for r in rs]).to_dict()}
+        for c in cfg.controls:
+            out[f"r[{c}]"] = correlation(moved, [r.get(f"forgetting_dnll[{c}]") for r in rs]).to_dict()
+        return out
+
+    # pooled over methods the correlation mixes tensor kinds whose kappa moves on different scales (a
+    # highest-kappa q_proj's kappa falls tenfold at no forgetting), so each method is also read on its own
+    methods = sorted({r["method"] for r in chosen})
+    return {**summary(chosen), "per_method": {m: summary([r for r in chosen if r["method"] == m]) for m in methods}}
 
 
 def analyse(cfg: LabConfig, base: dict, sweep: list[dict], seeded: list[dict], chosen: dict) -> dict:
@@ -507,7 +514,8 @@ def analyse(cfg: LabConfig, base: dict, sweep: list[dict], seeded: list[dict], c
                     "per_method": per_method, "contrasts": contrasts, "sweep": sweep, "runs": seeded,
                     "kappa_vs_forgetting": kappa_vs_forgetting(cfg, sweep + seeded),
                     "at_accuracy": {"levels": levels,
-                                    "forgetting": forgetting_at_accuracy(sweep, levels, list(cfg.controls))}})
+                                    "forgetting": forgetting_at_accuracy(sweep, levels, list(cfg.controls)),
+                                    "upper_bound": bounds_at_accuracy(sweep, levels, list(cfg.controls))}})
 
 
 def _fmt_iv(iv: dict, fmt: str) -> str:
@@ -556,17 +564,26 @@ def equal_accuracy_table(out: dict) -> list[str]:
     """Forgetting at shared accuracies, interpolated along each method's sweep (frontier.py says how)."""
     view = out.get("at_accuracy") or {}
     levels, rows = view.get("levels") or [], view.get("forgetting") or {}
+    bounds = view.get("upper_bound") or {}
     if not levels or not rows:
         return []
     lines = []
     for c in out["config"]["controls"]:
-        lines += ["", f"Forgetting (dNLL, {c}) at equal test accuracy, interpolated along each method's seed-0 "
-                      "sweep (blank: its sweep never reached that accuracy; one seed, no interval):", "",
+        lines += ["", f"Forgetting (dNLL, {c}) at equal test accuracy, interpolated along the rising part of each "
+                      "method's seed-0 sweep (blank: never reached; <= x: the gentlest rate already passed that "
+                      "accuracy with forgetting x; one seed, no interval):", "",
                   "| method | " + " | ".join(f"acc {lv:.2f}" for lv in levels) + " |", "|---|" + "---|" * len(levels)]
         for m, per_control in rows.items():
-            cells = ["" if v is None else f"{v:+.3f}" for v in per_control[c]]
+            bound = bounds.get(m, {}).get(c) or [None] * len(levels)
+            cells = [_at_accuracy_cell(v, b) for v, b in zip(per_control[c], bound)]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _at_accuracy_cell(value: float | None, bound: float | None) -> str:
+    if value is not None:
+        return f"{value:+.3f}"
+    return "" if bound is None else f"<= {bound:+.3f}"
 
 
 def monitor_lines(out: dict) -> list[str]:
@@ -574,10 +591,20 @@ def monitor_lines(out: dict) -> list[str]:
     if not kvf or kvf["runs"] < 3:
         return []
     med = kvf["median_dlog10_kappa"]
-    cells = [f"{c}: r = {_fmt_r(kvf[f'r[{c}]'])}" for c in out["config"]["controls"]]
-    return ["", f"Kappa monitor over {kvf['runs']} selective runs: the median trained tensor's log10 kappa moved by "
-                f"{_fmt_iv(med, '{:+.4f}')} (> 0: training raised kappa); mean |change| against forgetting (dNLL), "
-                + "; ".join(cells) + "."]
+    controls = out["config"]["controls"]
+    cells = [f"{c}: r = {_fmt_r(kvf[f'r[{c}]'])}" for c in controls]
+    lines = ["", f"Kappa monitor over {kvf['runs']} selective runs: the median trained tensor's log10 kappa moved by "
+                 f"{_fmt_iv(med, '{:+.4f}')} (> 0: training raised kappa); mean |change| against forgetting (dNLL), "
+                 + "; ".join(cells) + "."]
+    per = kvf.get("per_method") or {}
+    if len(per) > 1:
+        lines += ["", "Per method (its sweep and seeds; r needs 3 runs):", "",
+                  "| method | runs | median change of log10 kappa | " + " | ".join(f"r, {c}" for c in controls) + " |",
+                  "|---|---|---|" + "---|" * len(controls)]
+        for m, k in per.items():
+            lines.append(f"| {m} | {k['runs']} | {_fmt_iv(k['median_dlog10_kappa'], '{:+.4f}')} | "
+                         + " | ".join(_fmt_r(k[f'r[{c}]']) for c in controls) + " |")
+    return lines
 
 
 def _fmt_r(c: dict) -> str:
