@@ -7,6 +7,8 @@
 # Wikipedia sentences); the audio gap (loss with another clip's audio minus loss with its own) is the
 # learning signal beside WER. Needs data/speech (docs/speech.md, "The recipe").
 #   bash scripts/speech_fig1.sh [seeds] [steps]     # defaults: "0", 300; ~30 min per arm on 2 cores
+#   BRIDGE=chars bash scripts/speech_fig1.sh ...     # every arm reads the CTC head's characters (--adaptor-bridge)
+#   STAGE=runs/speech-b2/stage bash scripts/speech_fig1.sh ...   # reuse a finished stage (fingerprint-checked)
 # Resumable: a finished arm (speech_train.json present) is skipped, an interrupted one resumes from its
 # checkpoint. The stage is trained once, inside the seed-0 adaptor-only arm, and reused by every other arm.
 set -euo pipefail
@@ -14,19 +16,21 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SEEDS=${1:-0}
 STEPS=${2:-300}
-OUT=runs/speech-fig1
-STAGE=$OUT/adaptor-only-seed0
+EVERY=$(( STEPS / 6 > 0 ? STEPS / 6 : 1 ))
+OUT=runs/speech-fig1${BRIDGE:+-bridge-$BRIDGE}
 COMMON=(smollm2 --manifest data/speech/train.jsonl --test data/speech/probe_test.jsonl --encoder-window 14
         --adaptor-out-norm --ctc-weight 1 --max-steps "$STEPS" --batch-size 8 --lr 5e-4 --adaptor-lr 1e-3
-        --warmup-steps 30 --eval-every 50 --eval-limit 20 --control news --save-steps 50)
+        --warmup-steps 30 --eval-every "$EVERY" --eval-limit 20 --control news --save-steps 50
+        ${BRIDGE:+--adaptor-bridge "$BRIDGE"})
 mkdir -p "$OUT"
+if [ -n "${STAGE:-}" ]; then FIRST=(--ctc-stage-from "$STAGE"); else STAGE=$OUT/adaptor-only-seed0; FIRST=(--ctc-steps 3000); fi
 arm() {  # arm NAME SEED ARGS...: one train-speech run, skipped when finished
   local dir=$OUT/$1-seed$2
   shift 2
   [ -f "$dir/speech_train.json" ] && return 0
   .venv/bin/kappatune train-speech "${COMMON[@]}" "$@" -o "$dir" > "$dir.json" 2> "$dir.log"
 }
-arm adaptor-only 0 --budget-params 0 --ctc-steps 3000 --seed 0
+arm adaptor-only 0 --budget-params 0 "${FIRST[@]}" --seed 0
 for seed in $SEEDS; do
   [ "$seed" = 0 ] || arm adaptor-only "$seed" --budget-params 0 --ctc-stage-from "$STAGE" --seed "$seed"
   for order in lowest highest random random-same-kind; do
