@@ -71,22 +71,17 @@ def plot_kappa_monitor(monitors: dict[str, dict], path: str) -> None:
 
 def plot_lab(out: dict, folder: str) -> list[str]:
     """The compare figures: frontier per control corpus, kappa monitor, kappa distribution and heatmap."""
-    import json
-
     paths = []
     for c in out["config"]["controls"]:
         paths.append(os.path.join(folder, f"frontier_{_slug(c)}.png"))
         plot_frontier(out, c, paths[-1])
-    monitors, sels = {}, {}
+    sels = {}
     for m, lr in out["chosen_lr"].items():
         run = os.path.join(folder, "runs", f"{m}-lr{lr:g}-seed0")
-        if os.path.exists(os.path.join(run, "kappa_monitor.json")):
-            with open(os.path.join(run, "kappa_monitor.json"), encoding="utf-8") as f:
-                monitors[m] = json.load(f)
         if os.path.exists(os.path.join(run, "selection.json")):
             sels[m] = Selection.load(os.path.join(run, "selection.json")).names
     paths.append(os.path.join(folder, "kappa_monitor.png"))
-    plot_kappa_monitor(monitors, paths[-1])
+    plot_kappa_monitor(seed0_monitors(out, folder), paths[-1])
     report_path = os.path.join(folder, "report.json")
     if os.path.exists(report_path):
         report = KappaReport.load(report_path)
@@ -94,6 +89,24 @@ def plot_lab(out: dict, folder: str) -> list[str]:
         plot_kappa_distribution(report, sels, paths[-2])
         plot_kappa_heatmap(report, paths[-1])
     return paths
+
+
+def seed0_monitors(out: dict, folder: str) -> dict[str, dict]:
+    """Each method's kappa monitor at its chosen rate, seed 0: the run's own kappa_monitor.json, or the
+    summary scripts/collect_lab.py keeps of it (kappa_monitor_summary.json: all a committed or restored run
+    has), in the monitor's layout."""
+    import json
+
+    monitors = {}
+    for m, lr in out["chosen_lr"].items():
+        run = os.path.join(folder, "runs", f"{m}-lr{lr:g}-seed0")
+        for name, wrap in (("kappa_monitor.json", False), ("kappa_monitor_summary.json", True)):
+            path = os.path.join(run, name)
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    monitors[m] = {"summary": json.load(f)} if wrap else json.load(f)
+                break
+    return monitors
 
 
 def _slug(name: str) -> str:
