@@ -489,7 +489,7 @@ def kappa_vs_forgetting(cfg: LabConfig, runs: list[dict]) -> dict:
         return out
 
     # pooled over methods the correlation mixes tensor kinds whose kappa moves on different scales (a
-    # highest-kappa q_proj's kappa falls tenfold at no forgetting), so each method is also read on its own
+    # highest-kappa q_proj's kappa falls about sevenfold at no forgetting), so each method is also read on its own
     methods = sorted({r["method"] for r in chosen})
     return {**summary(chosen), "per_method": {m: summary([r for r in chosen if r["method"] == m]) for m in methods}}
 

@@ -77,7 +77,7 @@ def plot_lab(out: dict, folder: str) -> list[str]:
         plot_frontier(out, c, paths[-1])
     sels = {}
     for m, lr in out["chosen_lr"].items():
-        run = os.path.join(folder, "runs", f"{m}-lr{lr:g}-seed0")
+        run = _seed0_run(folder, m, lr)
         if os.path.exists(os.path.join(run, "selection.json")):
             sels[m] = Selection.load(os.path.join(run, "selection.json")).names
     paths.append(os.path.join(folder, "kappa_monitor.png"))
@@ -91,6 +91,11 @@ def plot_lab(out: dict, folder: str) -> list[str]:
     return paths
 
 
+def _seed0_run(folder: str, method: str, lr: float) -> str:
+    """The folder of a method's run at its chosen rate, seed 0 (the lab's RunSpec naming)."""
+    return os.path.join(folder, "runs", f"{method}-lr{lr:g}-seed0")
+
+
 def seed0_monitors(out: dict, folder: str) -> dict[str, dict]:
     """Each method's kappa monitor at its chosen rate, seed 0: the run's own kappa_monitor.json, or the
     summary scripts/collect_lab.py keeps of it (kappa_monitor_summary.json: all a committed or restored run
@@ -99,7 +104,7 @@ def seed0_monitors(out: dict, folder: str) -> dict[str, dict]:
 
     monitors = {}
     for m, lr in out["chosen_lr"].items():
-        run = os.path.join(folder, "runs", f"{m}-lr{lr:g}-seed0")
+        run = _seed0_run(folder, m, lr)
         for name, wrap in (("kappa_monitor.json", False), ("kappa_monitor_summary.json", True)):
             path = os.path.join(run, name)
             if os.path.exists(path):
