@@ -68,11 +68,12 @@ def np_kappa(mat) -> float:
     return float(s[0] / s[-1])
 
 
-def char_tokenizer():
-    """A character-level fast tokenizer built locally (no download): ids 0-2 special, then printable chars."""
+def char_tokenizer(bos: bool = False):
+    """A character-level fast tokenizer built locally (no download): ids 0-2 special, then printable chars.
+    ``bos``: it puts <s> before every text by default, as Gemma's and Llama's tokenizers do."""
     import string
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = list(dict.fromkeys(string.printable))
@@ -81,6 +82,8 @@ def char_tokenizer():
         vocab.setdefault(c, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
 

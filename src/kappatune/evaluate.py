@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .data import PromptTemplate, tokenize_examples
+from .data import PromptTemplate, leading_special_ids, tokenize_examples
 from .errors import KappaTuneError
 
 
@@ -116,19 +116,23 @@ def _last_logprobs(model, seqs: list[list[int]], pad_id: int, batch_size: int) -
 def control_chunks(tokenizer, text: str, chunk_len: int = 256, max_chunks: int | None = 16) -> list[list[int]]:
     if chunk_len < 2:
         raise KappaTuneError("chunk_len must be at least 2")
-    need = None if max_chunks is None else chunk_len * max_chunks
+    prefix = leading_special_ids(tokenizer)  # each chunk starts as the model saw text in training (e.g. BOS)
+    body = chunk_len - len(prefix)
+    if body < 2:
+        raise KappaTuneError(f"chunk_len {chunk_len} leaves fewer than 2 text tokens after the tokenizer's prefix")
+    need = None if max_chunks is None else body * max_chunks
     probe = len(text) if need is None else min(len(text), need * 8)  # tokenise a prefix when that suffices
     while True:
         ids = tokenizer(text[:probe], add_special_tokens=False)["input_ids"]
         if need is None or len(ids) > need or probe >= len(text):
             break
         probe = min(len(text), probe * 2)
-    n = len(ids) // chunk_len
+    n = len(ids) // body
     if n == 0:
         raise KappaTuneError(f"the control text has {len(ids)} tokens, fewer than one chunk of {chunk_len}")
     if max_chunks is not None:
         n = min(n, max_chunks)
-    return [ids[i * chunk_len:(i + 1) * chunk_len] for i in range(n)]
+    return [prefix + ids[i * body:(i + 1) * body] for i in range(n)]
 
 
 def perplexity(model, tokenizer, text: str | None = None, *, chunks: list[list[int]] | None = None,
@@ -172,10 +176,12 @@ def label_accuracy(model, tokenizer, rows: list[dict], template: PromptTemplate,
     single = [i for i, ids in enumerate(lab_ids) if len(ids) == 1]
     multi = [i for i, ids in enumerate(lab_ids) if len(ids) > 1]
     scores = torch.empty(len(rows), len(labels), dtype=torch.float64)
+    prefix = leading_special_ids(tokenizer)
+    room = max_length - len(prefix)  # truncation cuts the prompt after the prefix
     prompts = [tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"] for r in rows]
     if single:
         # One forward per prompt scores every single-token label at once (log-softmax at the prompt's end).
-        cut = [p[-max_length:] for p in prompts]
+        cut = [prefix + p[-room:] for p in prompts]
         last = _last_logprobs(model, cut, _pad_id(tokenizer), batch_size)  # (N, V)
         for i in single:
             scores[:, i] = last[:, lab_ids[i][0]]
@@ -184,7 +190,7 @@ def label_accuracy(model, tokenizer, rows: list[dict], template: PromptTemplate,
         for p in prompts:
             for i in multi:
                 a = lab_ids[i]
-                p_cut = p[-(max_length - len(a)):]
+                p_cut = prefix + p[-(room - len(a)):]
                 seqs.append(p_cut + a)
                 labs.append([-100] * len(p_cut) + a)
         s, _ = token_nll(model, seqs, labs, pad_id=_pad_id(tokenizer), batch_size=batch_size)
@@ -205,7 +211,8 @@ def accuracy_and_perplexity(model, tokenizer, rows: list[dict], template: Prompt
     label is one token and no prompt is truncated; otherwise the two are computed separately."""
     labels = list(labels)
     lab_ids = [tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
-    prompts = [tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"] for r in rows]
+    prefix = leading_special_ids(tokenizer)
+    prompts = [prefix + tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"] for r in rows]
     ex = tokenize_examples(rows, tokenizer, template, max_length=max_length, loss_on="all")
     shared = all(len(ids) == 1 for ids in lab_ids) and \
         all(e["input_ids"][:len(p)] == p and len(p) < len(e["input_ids"]) for p, e in zip(prompts, ex))

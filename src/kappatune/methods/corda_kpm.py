@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from ..data import CONTROL_TEXTS, control_text
+from ..data import CONTROL_TEXTS, control_text, leading_special_ids
 from ..errors import KappaTuneError
 from ..evaluate import control_chunks
 from .base import Method, Prepared, method_options, register
@@ -81,19 +81,22 @@ def calibration_split(tokenizer, text: str, *, calib_chunks: int, chunk_len: int
     """The last ``calib_chunks`` chunks of ``chunk_len`` tokens of ``text``; raises if they would overlap the
     evaluation chunks (``control_chunks(tokenizer, text, eval_chunk_len, eval_chunks)``, the first tokens)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    evaluation = [t for chunk in control_chunks(tokenizer, text, eval_chunk_len, eval_chunks) for t in chunk]
+    prefix = leading_special_ids(tokenizer)  # every chunk starts with it (control_chunks); the text follows
+    evaluation = [t for chunk in control_chunks(tokenizer, text, eval_chunk_len, eval_chunks)
+                  for t in chunk[len(prefix):]]
     eval_end = len(evaluation)
     if ids[:eval_end] != evaluation:
         # control_chunks tokenises a prefix of the text; positions only line up when that agrees with the whole
         raise KappaTuneError(f"{NAME}: cannot locate the evaluation chunks in the tokenised corpus, so calibration "
                              f"cannot be proven disjoint from them; use a .txt corpus that is not the control text")
-    need = calib_chunks * chunk_len
+    body = chunk_len - len(prefix)
+    need = calib_chunks * body
     start = len(ids) - need
     if start < eval_end:
         raise KappaTuneError(f"{NAME}: the corpus has {len(ids)} tokens; {calib_chunks} calibration chunks of "
                              f"{chunk_len} from its end would overlap the first {eval_end} (evaluation) tokens: "
                              f"use fewer or shorter calibration chunks or a longer corpus")
-    chunks = [ids[start + i * chunk_len: start + (i + 1) * chunk_len] for i in range(calib_chunks)]
+    chunks = [prefix + ids[start + i * body: start + (i + 1) * body] for i in range(calib_chunks)]
     return CalibrationSplit(chunks, start, len(ids), eval_end)
 
 
