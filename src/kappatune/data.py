@@ -108,7 +108,7 @@ def leading_special_ids(tokenizer) -> list[int]:
 
     Text is tokenised here without special tokens, so that prompts, answers and corpus chunks can be cut and
     joined; these ids then go back in front of every sequence a model sees. A model trained with a BOS token
-    reads text without it badly: Gemma-3-270M base scored Wikipedia perplexity 110 without it."""
+    reads text without it badly: Gemma-3-270M base scored Wikipedia perplexity 109.5 without it, 25.6 with."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     default = tokenizer("a")["input_ids"]
     for start in range(len(default) - len(plain) + 1):
