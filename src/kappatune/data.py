@@ -131,7 +131,7 @@ def tokenize_examples(rows: list[dict], tokenizer, template: PromptTemplate | No
         raise KappaTuneError("loss_on='answer' needs a prompt template")
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     prefix = leading_special_ids(tokenizer)
-    max_length -= len(prefix)  # the prefix always stays: truncation cuts the prompt after it
+    room = max_length - len(prefix)  # the prefix always stays: truncation cuts the prompt after it
     out = []
     for r in rows:
         if template is None:
@@ -140,9 +140,9 @@ def tokenize_examples(rows: list[dict], tokenizer, template: PromptTemplate | No
             p_ids = tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"]
             a_ids = tokenizer(template.answer(r), add_special_tokens=False)["input_ids"]
         a_ids = a_ids + eos
-        if len(a_ids) >= max_length:
-            a_ids = a_ids[: max_length - 1]
-        p_ids = p_ids[-(max_length - len(a_ids)):] if len(p_ids) + len(a_ids) > max_length else p_ids
+        if len(a_ids) >= room:
+            a_ids = a_ids[: room - 1]
+        p_ids = p_ids[-(room - len(a_ids)):] if len(p_ids) + len(a_ids) > room else p_ids
         ids = prefix + p_ids + a_ids
         labels = [-100] * len(prefix) + ([-100] * len(p_ids) if loss_on == "answer" else list(p_ids)) + list(a_ids)
         out.append({"input_ids": ids, "labels": labels})
