@@ -42,6 +42,8 @@ class SpeechLLM(nn.Module):
         self.frames_per_feature = frames_per_feature  # Whisper's conv stem halves the mel frames
         self.bos_id: int | None = None
         self.eos_id: int | None = None
+        # tokens the LLM's tokenizer puts before every text (e.g. Gemma's BOS); they go before the audio
+        self.lead_ids: list[int] = []
 
     def encode(self, features: torch.Tensor, feature_lens: torch.Tensor):
         self.encoder.eval()
@@ -96,7 +98,8 @@ class SpeechLLM(nn.Module):
         eos_id = self.eos_id if eos_id is None else eos_id
         if bos_id is None or eos_id is None:
             raise ValueError("bos_id and eos_id are needed (pass them or set model.bos_id / model.eos_id)")
-        emb, att, lab = build_inputs(audio, alens, text_ids, self.llm.get_input_embeddings(), bos_id, eos_id)
+        emb, att, lab = build_inputs(audio, alens, text_ids, self.llm.get_input_embeddings(), bos_id, eos_id,
+                                     self.lead_ids)
         return self.llm(inputs_embeds=emb, attention_mask=att, labels=lab)
 
     @torch.no_grad()
@@ -118,15 +121,17 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def transcribe(self, features, feature_lens, bos_id: int, eos_id: int, max_new_tokens: int = 64) -> list[list[int]]:
-        """Greedy decoding from [audio, BOS]; returns token ids per sample (without EOS)."""
+        """Greedy decoding from [leading tokens, audio, BOS]; returns token ids per sample (without EOS)."""
         audio, alens = self.encode(features, feature_lens)
         return self._greedy(*self.llm_inputs(audio, alens), bos_id, eos_id, max_new_tokens)
 
     def _greedy(self, audio, alens, bos_id: int, eos_id: int, max_new_tokens: int) -> list[list[int]]:
         emb_layer = self.llm.get_input_embeddings()
+        lead = emb_layer(torch.tensor(self.lead_ids, dtype=torch.long, device=audio.device))
         outs = []
         for i in range(audio.shape[0]):
-            prefix = torch.cat([audio[i, : int(alens[i])], emb_layer(torch.tensor([bos_id], device=audio.device))])
+            bos = emb_layer(torch.tensor([bos_id], device=audio.device))
+            prefix = torch.cat([lead, audio[i, : int(alens[i])], bos])
             x = prefix[None]
             past, ids = None, []
             for _ in range(max_new_tokens):
