@@ -8,7 +8,7 @@ STEPS=${1:-240}
 for order in lowest highest random; do
   .venv/bin/kappatune train-speech smollm2 --manifest data/speech/train.jsonl --test data/speech/test.jsonl \
     --order "$order" --budget-params 2M --max-steps "$STEPS" --batch-size 8 --lr 2e-4 --adaptor-lr 1e-3 \
-    --warmup-steps 20 --eval-every 40 --eval-limit 30 --save-steps 80 -o "runs/speech-$order" \
+    --warmup-steps 20 --eval-every 40 --eval-limit 30 --save-steps 80 --recipe paper -o "runs/speech-$order" \
     > "runs/speech-$order.json" 2> "runs/speech-$order.log"
   # forgetting on a text that does not overlap the (Wikipedia-made) speech data: gensim's news stories
   .venv/bin/kappatune eval-speech "runs/speech-$order" --manifest data/speech/test.jsonl --limit 1 \

@@ -18,10 +18,11 @@ SEEDS=${1:-0}
 STEPS=${2:-300}
 EVERY=$(( STEPS / 6 > 0 ? STEPS / 6 : 1 ))
 OUT=runs/speech-fig1${BRIDGE:+-bridge-$BRIDGE}
+# every setting is given, so the arms do not depend on train-speech's default recipe
 COMMON=(smollm2 --manifest data/speech/train.jsonl --test data/speech/probe_test.jsonl --encoder-window 14
         --adaptor-out-norm --ctc-weight 1 --max-steps "$STEPS" --batch-size 8 --lr 5e-4 --adaptor-lr 1e-3
         --warmup-steps 30 --eval-every "$EVERY" --eval-limit 20 --control news --save-steps 50
-        ${BRIDGE:+--adaptor-bridge "$BRIDGE"})
+        --adaptor-bridge "${BRIDGE:-none}")
 mkdir -p "$OUT"
 if [ -n "${STAGE:-}" ]; then FIRST=(--ctc-stage-from "$STAGE"); else STAGE=$OUT/adaptor-only-seed0; FIRST=(--ctc-steps 3000); fi
 arm() {  # arm NAME SEED ARGS...: one train-speech run, skipped when finished

@@ -387,7 +387,7 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     r = run("train-speech", str(lm_folder), "--manifest", str(train), "--test", str(test), "--encoder", str(enc_dir),
             "--order", "highest", "--budget-params", "5k", "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2",
             "--control", str(wiki), "--adaptor-heads", "4", "--adaptor-subsample", "8", "--adaptor-out-norm",
-            "--ctc-weight", "0.5", "--ctc-steps", "4", "-o", str(out))
+            "--ctc-weight", "0.5", "--ctc-steps", "4", "--recipe", "paper", "-o", str(out))
     assert r.returncode == 0, r.stderr
     saved = json.loads((out / "model" / "adaptor.json").read_text())
     assert saved["subsample"] == 8 and saved["out_norm"] is True and saved["ctc_weight"] == 0.0  # head dropped
@@ -407,7 +407,8 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     # another arm starts from that run's CTC stage: the same starting adaptor, so the same step-0 CTC reading
     common = ["train-speech", str(lm_folder), "--manifest", str(train), "--test", str(test), "--encoder",
               str(enc_dir), "--max-steps", "1", "--batch-size", "2", "--control", "none", "--adaptor-heads", "4",
-              "--adaptor-out-norm", "--budget-params", "0", "--ctc-weight", "0.5", "--ctc-stage-from", str(out)]
+              "--recipe", "paper", "--adaptor-out-norm", "--budget-params", "0", "--ctc-weight", "0.5",
+              "--ctc-stage-from", str(out)]
     r = run(*common, "--adaptor-subsample", "8", "--adaptor-bridge", "chars", "-o", str(tmp_path / "arm"))
     assert r.returncode == 0, r.stderr
     arm = json.loads(r.stdout)
@@ -432,7 +433,7 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     one_line_error(run("train-speech", str(lm_folder), "--manifest", str(bad), "-o", str(tmp_path / "o2")),
                     "does not exist")
     one_line_error(run("train-speech", str(lm_folder), "--manifest", str(train), "--ctc-steps", "10",
-                       "-o", str(tmp_path / "o3")), "needs ctc_weight > 0")
+                       "--recipe", "paper", "-o", str(tmp_path / "o3")), "needs ctc_weight > 0")
     one_line_error(run("train-speech", str(lm_folder), "--manifest", str(train), "--adaptor-subsample", "0",
                        "-o", str(tmp_path / "o3")), "adaptor-subsample must be >= 1")
     assert not (tmp_path / "o3").exists()
@@ -497,7 +498,7 @@ def test_train_speech_cli_starts_every_selection_from_the_same_adaptor(tmp_path,
         out = tmp_path / order
         r = run("train-speech", str(lm_folder), "--manifest", str(train), "--encoder", str(enc_dir), "--order",
                 order, "--budget-params", "5k", "--max-steps", "1", "--batch-size", "2", "--lr", "1e-9",
-                "--adaptor-lr", "1e-9", "--control", "none", "--adaptor-heads", "4", "-o", str(out))
+                "--adaptor-lr", "1e-9", "--control", "none", "--adaptor-heads", "4", "--recipe", "paper", "-o", str(out))
         assert r.returncode == 0, r.stderr
         got[order] = load_file(str(out / "model" / "adaptor.safetensors"))
     assert all(torch.allclose(got["lowest"][k], got["random"][k], atol=1e-6) for k in got["lowest"])
@@ -616,7 +617,7 @@ def test_encoder_window_through_the_cli_is_recorded_and_reused(tmp_path, lm_fold
     test = _wav_manifest(tmp_path, ["go left", "stop"], "test.jsonl", seconds=0.2)
     out = tmp_path / "out"
     common = ("--encoder", str(enc_dir), "--budget-params", "0", "--max-steps", "2", "--batch-size", "2",
-              "--control", "none", "--adaptor-heads", "4")
+              "--control", "none", "--adaptor-heads", "4", "--recipe", "paper")
     r = run("train-speech", str(lm_folder), "--manifest", str(train), "--test", str(test), *common,
             "--encoder-window", "0.2", "-o", str(out))
     assert r.returncode == 0, r.stderr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+
+from ..speech_recipes import DEFAULT_RECIPE, RECIPES
 from .common import add_command, add_order_argument, write_json
 
 CONTROL_HELP = ("text for the LLM's forgetting (perplexity) measurement: a .txt file, 'wikipedia', 'news' "
@@ -37,11 +40,17 @@ def _register_train_speech(sub) -> None:
     p.add_argument("--budget-params", default="2M", help="trainable LLM parameters (0: adaptor only)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the selected LLM tensors")
-    p.add_argument("--adaptor-lr", type=float, default=None, help="learning rate of the adaptor (default: --lr)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                   help="fills every option below marked 'recipe' that is not given: 'listen' (a CTC stage, then "
+                        "the character bridge; the configuration measured to make the LLM use the audio) or "
+                        "'paper' (section 4.4 as written); see docs/speech.md")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the selected LLM tensors (recipe: listen 5e-4, paper 1e-4)")
+    p.add_argument("--adaptor-lr", type=float, default=None,
+                   help="learning rate of the adaptor (recipe: listen 1e-3, paper the LLM's rate)")
+    p.add_argument("--batch-size", type=int, default=None, help="recipe: listen 8, paper 4")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=None, help="recipe: listen 30, paper 0")
     p.add_argument("--eval-every", type=int, default=0, help="steps between WER + forgetting evaluations")
     p.add_argument("--eval-limit", type=int, default=None,
                    help="test clips used for the evaluations during training (all of them at the end)")
@@ -52,19 +61,22 @@ def _register_train_speech(sub) -> None:
     p.add_argument("--adaptor-layers", type=int, default=2)
     p.add_argument("--adaptor-subsample", type=int, default=4,
                    help="encoder frames concatenated into one adaptor output (the paper: 4; 8 halves the positions)")
-    p.add_argument("--adaptor-out-norm", action="store_true",
+    p.add_argument("--adaptor-out-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="RMS-normalise the adaptor's outputs, with a learnable gain started at the LLM's "
-                        "token-embedding RMS (off: the paper's adaptor, whose outputs are ~10x larger)")
-    p.add_argument("--adaptor-bridge", choices=("none", "chars"), default="none",
+                        "token-embedding RMS (off: the paper's adaptor, whose outputs are ~10x larger; "
+                        "recipe: listen on, paper off)")
+    p.add_argument("--adaptor-bridge", choices=("none", "chars"), default=None,
                    help="'chars': the LLM reads the CTC head's characters as a mix of its own character "
                         "embeddings, one position per emitted character (needs --ctc-weight and a trained "
-                        "head: --ctc-steps or --ctc-stage-from); 'none': the adaptor's outputs (the paper)")
-    p.add_argument("--ctc-weight", type=float, default=0.0,
+                        "head: --ctc-steps or --ctc-stage-from); 'none': the adaptor's outputs (the paper) "
+                        "(recipe: listen chars, paper none)")
+    p.add_argument("--ctc-weight", type=float, default=None,
                    help="weight of an auxiliary CTC loss of the adaptor's outputs against the transcript's "
-                        "characters (a small head, dropped from model/ after training); 0: the paper's recipe")
-    p.add_argument("--ctc-steps", type=int, default=0,
+                        "characters (a small head, dropped from model/ after training unless the bridge reads "
+                        "it); 0: none (recipe: listen 1, paper 0)")
+    p.add_argument("--ctc-steps", type=int, default=None,
                    help="a first stage of N adaptor-only steps on the CTC loss alone, without the LLM (cheap "
-                        "steps; needs --ctc-weight > 0)")
+                        "steps; needs --ctc-weight > 0; recipe: listen 3000, paper 0; 0 with --ctc-stage-from)")
     p.add_argument("--ctc-lr", type=float, default=None, help="that stage's learning rate (default: --adaptor-lr)")
     p.add_argument("--ctc-stage-from", metavar="FOLDER", default=None,
                    help="start from the CTC stage another train-speech run trained (its output folder) instead "
@@ -80,17 +92,22 @@ def cmd_train_speech(a) -> int:
     from ..multimodal.recipe import SpeechRun, run_train_speech
     from ..multimodal.speech_train import SpeechTrainConfig
 
-    loop = SpeechTrainConfig(epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, adaptor_lr=a.adaptor_lr,
-                             batch_size=a.batch_size, grad_accum=a.grad_accum, warmup_steps=a.warmup_steps,
+    from ..speech_recipes import recipe_settings
+
+    r = recipe_settings(a.recipe, ctc_stage_from=a.ctc_stage_from, lr=a.lr, adaptor_lr=a.adaptor_lr,
+                        batch_size=a.batch_size, warmup_steps=a.warmup_steps, ctc_weight=a.ctc_weight,
+                        ctc_steps=a.ctc_steps, adaptor_out_norm=a.adaptor_out_norm, adaptor_bridge=a.adaptor_bridge)
+    loop = SpeechTrainConfig(epochs=a.epochs, max_steps=a.max_steps, lr=r["lr"], adaptor_lr=r["adaptor_lr"],
+                             batch_size=r["batch_size"], grad_accum=a.grad_accum, warmup_steps=r["warmup_steps"],
                              seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit,
-                             control_chunks=a.control_chunks, save_steps=a.save_steps, ctc_weight=a.ctc_weight,
-                             ctc_steps=a.ctc_steps, ctc_lr=a.ctc_lr,
+                             control_chunks=a.control_chunks, save_steps=a.save_steps, ctc_weight=r["ctc_weight"],
+                             ctc_steps=r["ctc_steps"], ctc_lr=a.ctc_lr,
                              ctc_stage_from=a.ctc_stage_from)
     run = SpeechRun(model=a.model, manifest=a.manifest, output=a.output, test=a.test, encoder=a.encoder,
                     encoder_window_s=a.encoder_window,
                     order=a.order, budget_params=a.budget_params, adaptor_heads=a.adaptor_heads,
                     adaptor_layers=a.adaptor_layers, adaptor_subsample=a.adaptor_subsample,
-                    adaptor_out_norm=a.adaptor_out_norm, adaptor_bridge=a.adaptor_bridge, control=a.control,
+                    adaptor_out_norm=r["adaptor_out_norm"], adaptor_bridge=r["adaptor_bridge"], control=a.control,
                     frames_cache=a.frames_cache, seed=a.seed,
                     train=loop, revision=a.revision)
     res = run_train_speech(run)
