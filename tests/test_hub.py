@@ -196,6 +196,31 @@ def remote(tmp_path, monkeypatch):
     return {"folder": folder, "shards": shards, "log": log}
 
 
+def test_stream_shards_keeps_a_shard_a_late_thread_still_needs(remote):
+    """Scan threads can read out of order: one still holds the last tensor of shard 1 while another has read
+    shard 2 and asks for shard 3. The shard already read (2) is deleted, not the one still needed (1): every
+    shard is downloaded once and no more than two are on disk."""
+    from kappatune.hub_stream import StreamingHubSource
+
+    src = StreamingHubSource("org/sharded")
+    keys = src.load_order([e.source for e in src.entries()])
+    by_shard = [[k for k in keys if src.shard_of[k] == s] for s in src.shards]
+    assert len(by_shard) >= 4 and all(len(ks) >= 2 for ks in by_shard[:3])
+    late = by_shard[0][-1]
+    order = by_shard[0][:-1] + by_shard[1] + by_shard[2][:1] + [late] + by_shard[2][1:] + \
+        [k for ks in by_shard[3:] for k in ks]
+    from safetensors import safe_open
+
+    try:
+        for k in order:
+            with safe_open(str(remote["folder"] / src.shard_of[k]), "pt") as f:
+                assert src.load(k).equal(f.get_tensor(k))
+    finally:
+        src.close()
+    downloads = remote["log"]["downloads"]
+    assert downloads == src.shards and remote["log"]["most_on_disk"] <= 2
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_stream_shards_scan_equals_the_folder_scan_with_two_shards_on_disk_at_most(remote, workers):
     from kappatune.hub_stream import StreamingHubSource

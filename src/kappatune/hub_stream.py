@@ -4,7 +4,8 @@
 reads remotely (``get_safetensors_metadata``: HTTP range requests, a few KB per shard), so nothing large is
 downloaded before the scan starts. The scan then asks for its tensors grouped by shard (``load_order``); the
 first request for a shard downloads it into a temporary folder (never into the Hugging Face cache), and once
-more than ``keep`` shards are on disk the least recently used one is deleted. Shards already in the Hugging
+more than ``keep`` shards are on disk one is deleted: the least recently used of those whose tensors the
+scan has all read, so a thread that runs late on an older shard does not make it download twice. Shards already in the Hugging
 Face cache are read from there and never deleted.
 
 What it costs: disk peaks at about ``keep`` shards (default 2: the one being scanned and the previous one,
@@ -19,7 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ class StreamingHubSource(Source):
                          for name, info in sorted(remote.files_metadata[shard].tensors.items())]
         self.workdir = tempfile.mkdtemp(prefix="kappatune-shards-")
         self._on_disk: OrderedDict[str, tuple[str, dict, bool]] = OrderedDict()  # shard -> (path, header, ours)
+        self._unread: Counter[str] = Counter()  # shard -> tensors the scan announced and has not read yet
         self._lock = threading.Lock()
 
     def entries(self) -> list[Entry]:
@@ -61,12 +63,18 @@ class StreamingHubSource(Source):
 
     def load_order(self, keys: list[str]) -> list[str]:
         rank = {s: i for i, s in enumerate(self.shards)}
+        with self._lock:
+            self._unread = Counter(self.shard_of[k] for k in keys)
         return sorted(keys, key=lambda k: (rank[self.shard_of[k]], k))
 
     def load(self, name: str) -> torch.Tensor:
         with self._lock:  # one fetch at a time, and no shard is deleted while a thread reads from it
-            path, header, _ = self._shard(self.shard_of[name])
-            return read_tensor(name, path, *header[name][:4])
+            shard = self.shard_of[name]
+            path, header, _ = self._shard(shard)
+            tensor = read_tensor(name, path, *header[name][:4])
+            if self._unread[shard] > 0:
+                self._unread[shard] -= 1
+            return tensor
 
     def _shard(self, shard: str) -> tuple[str, dict, bool]:
         if shard in self._on_disk:
@@ -79,7 +87,7 @@ class StreamingHubSource(Source):
             path, ours = cached, False
         else:
             while self.shards_on_disk() >= self.keep:  # make room first: never more than `keep` of ours on disk
-                self._evict(next(s for s, (_, _, o) in self._on_disk.items() if o))
+                self._evict(self._victim())
             try:
                 path = hh.hf_hub_download(self.repo_id, shard, revision=self.revision, local_dir=self.workdir)
             except Exception as e:
@@ -87,6 +95,14 @@ class StreamingHubSource(Source):
             ours = True
         self._on_disk[shard] = (path, read_safetensors_header(path), ours)
         return self._on_disk[shard]
+
+    def _victim(self) -> str:
+        """The shard to delete: the least recently used one whose announced tensors have all been read. Scan
+        threads can run out of order (one still holds a tensor of an older shard while another has moved two
+        shards on); deleting that older shard would download it a second time. If every shard on disk still
+        has reads to come, the least recently used one goes."""
+        ours = [s for s, (_, _, o) in self._on_disk.items() if o]
+        return next((s for s in ours if self._unread[s] == 0), ours[0])
 
     def _evict(self, shard: str) -> None:
         path, _, ours = self._on_disk.pop(shard)
