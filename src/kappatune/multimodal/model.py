@@ -45,6 +45,13 @@ class SpeechLLM(nn.Module):
         # tokens the LLM's tokenizer puts before every text (e.g. Gemma's BOS); they go before the audio
         self.lead_ids: list[int] = []
 
+    def use_tokenizer_ids(self, tok) -> None:
+        """BOS, EOS and the leading tokens (``data.leading_special_ids``) of the LLM's tokenizer."""
+        from ..data import leading_special_ids
+
+        self.bos_id, self.eos_id = tok.bos_token_id, tok.eos_token_id
+        self.lead_ids = leading_special_ids(tok)
+
     def encode(self, features: torch.Tensor, feature_lens: torch.Tensor):
         self.encoder.eval()
         with torch.no_grad():
@@ -128,9 +135,9 @@ class SpeechLLM(nn.Module):
     def _greedy(self, audio, alens, bos_id: int, eos_id: int, max_new_tokens: int) -> list[list[int]]:
         emb_layer = self.llm.get_input_embeddings()
         lead = emb_layer(torch.tensor(self.lead_ids, dtype=torch.long, device=audio.device))
+        bos = emb_layer(torch.tensor([bos_id], device=audio.device))
         outs = []
         for i in range(audio.shape[0]):
-            bos = emb_layer(torch.tensor([bos_id], device=audio.device))
             prefix = torch.cat([lead, audio[i, : int(alens[i])], bos])
             x = prefix[None]
             past, ids = None, []

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_json
-from ..data import leading_special_ids
 from ..errors import KappaTuneError, TrainingInterrupted
 from .ctc import char_targets
 
@@ -372,8 +371,7 @@ def load_speech_model(folder: str, encoder):
     from safetensors.torch import load_file
 
     model.adaptor.load_state_dict(load_file(os.path.join(folder, ADAPTOR_WEIGHTS)))
-    model.bos_id, model.eos_id = tok.bos_token_id, tok.eos_token_id
-    model.lead_ids = leading_special_ids(tok)
+    model.use_tokenizer_ids(tok)
     model.eval()
     return model, tok, cfg
 
@@ -525,8 +523,7 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
         raise KappaTuneError(f"ctc_weight {cfg.ctc_weight} differs from the model's ({model.ctc_weight}): build the "
                              f"SpeechLLM with ctc_weight={cfg.ctc_weight}")
     set_seed(cfg.seed)
-    model.bos_id, model.eos_id = tok.bos_token_id, tok.eos_token_id
-    model.lead_ids = leading_special_ids(tok)
+    model.use_tokenizer_ids(tok)
     if model.bos_id is None or model.eos_id is None:
         raise KappaTuneError("the tokenizer needs BOS and EOS tokens")
     os.makedirs(out_dir, exist_ok=True)
