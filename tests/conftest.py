@@ -164,6 +164,19 @@ def run_torchrun(*args, env=None, timeout=300):
     raise AssertionError("unreachable")
 
 
+def worker_failure(stderr, tail=3000):
+    """What to show when a torchrun launch fails: a worker's "Fatal Python error" block (faulthandler prints
+    the cause and the Python stack first, then a long list of extension modules that pushes them out of any
+    plain tail), followed by the tail of stderr."""
+    lines = stderr.splitlines()
+    fatal = [i for i, ln in enumerate(lines) if "Fatal Python error" in ln]
+    head = []
+    for i in fatal[:2]:
+        block = lines[i:i + 40]
+        head += [ln for ln in block if not ln.startswith("Extension modules:")] + ["..."]
+    return "\n".join(head) + "\n" + stderr[-tail:]
+
+
 def one_line_error(r, *needles):
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]

@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import toy_rows
-from conftest import one_line_error, run, run_torchrun
+from conftest import one_line_error, run, run_torchrun, worker_failure
 
 
 def _write_jsonl(path, rows):
@@ -101,7 +101,7 @@ def test_two_process_ddp_training(lm_folder, tmp_path):
     r = run_torchrun("--no-python", kt, "train", str(lm_folder), "--data", str(data), "--budget-params", "3k",
                      "--max-steps", "3", "--batch-size", "2", "--lr", "0.01", "--weight-decay", "0.1",
                      "-o", str(out), "--no-progress")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, worker_failure(r.stderr)
     man = json.loads((out / "manifest.json").read_text())
     assert man["world_size"] == 2 and man["ranks_identical"] is True and man["frozen_verified"]
     sel = json.loads((out / "selection.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kappatune
-from conftest import make_lm, run_torchrun, toy_rows
+from conftest import make_lm, run_torchrun, toy_rows, worker_failure
 from kappatune.errors import KappaTuneError
 
 
@@ -97,7 +97,7 @@ def test_fsdp2_two_cpu_processes_train_the_selection_like_one_process(tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     r = run_torchrun(os.path.join(here, "fsdp2_worker.py"), str(tmp_path / "fsdp"), env=env, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, worker_failure(r.stderr)
     info = json.loads((tmp_path / "fsdp.json").read_text())
     got = load_file(str(tmp_path / "fsdp.safetensors"))
     assert info["ranks_identical"] and info["scan_refused"] and info["units"] == 2
@@ -157,7 +157,7 @@ def test_deepspeed_zero3_two_cpu_processes_match_ddp(lm_folder, tmp_path):
         r = run_torchrun("--no-python", kt, "train", str(lm_folder), "--data", str(data), "--budget-params", "3k",
                          "--max-steps", "3", "--batch-size", "2", "--lr", "0.01", "-o", str(out), "--no-progress",
                          *extra)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, worker_failure(r.stderr)
         man = json.loads((out / "manifest.json").read_text())
         assert man["world_size"] == 2 and man["ranks_identical"] is True and man["frozen_verified"]
         outs[name] = (man, load_file(str(out / "model" / "model.safetensors")))
