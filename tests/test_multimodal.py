@@ -722,3 +722,37 @@ def test_speech_llm_reads_through_the_bridge_trains_the_head_and_reloads(tmp_pat
     with torch.no_grad():
         assert torch.allclose(again.forward_frames(frames, [[5, 6], [7]], 1, 2).loss,
                               model.forward_frames(frames, [[5, 6], [7]], 1, 2).loss)
+
+
+def test_speech_llm_uses_the_vectors_a_scaled_embedding_llm_reads():
+    """Gemma's embedding module multiplies its table by sqrt(hidden) in forward. The output norm's target
+    scale and the bridge's character vectors must be what the layers read (the module's output), not the raw
+    table, which is sqrt(32) = 5.7 times smaller here."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kappatune.multimodal.ctc import CTC_VOCAB
+    from kappatune.multimodal.model import embedding_rms
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    llm = AutoModelForCausalLM.from_config(cfg)
+    layer = llm.get_input_embeddings()
+    read = layer(torch.arange(64)).detach()
+    table_rms = float(layer.weight.detach().pow(2).mean().sqrt())
+    assert float(read.pow(2).mean().sqrt()) == pytest.approx(table_rms * 32 ** 0.5, rel=1e-5)  # the premise
+    assert embedding_rms(llm) == pytest.approx(float(read.pow(2).mean().sqrt()), rel=1e-5)
+    llama, _ = make_lm("llama")  # a plain embedding: exactly the table's RMS, as before
+    assert embedding_rms(llama) == float(llama.get_input_embeddings().weight.detach().pow(2).mean().sqrt())
+
+    chars = list(range(3, 3 + CTC_VOCAB - 1))
+    model = SpeechLLM(_tiny_encoder(), llm, subsample=4, heads=4, layers=1, ctc_weight=1.0, bridge_ids=chars)
+    head = model.adaptor.ctc_head.proj
+    with torch.no_grad():  # the head reads character 5 at every frame, with certainty
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        head.bias.view(-1, CTC_VOCAB)[:, 1 + 5] = 30.0  # each of the position's CTC frames
+    audio, alens = model.adaptor(torch.randn(1, 8, 16), torch.tensor([8]))
+    emb, lens = model.llm_inputs(audio, alens)
+    assert lens.tolist() == [1]  # one character, repeated: one kept frame
+    assert torch.allclose(emb[0, 0], read[chars[5]], atol=1e-5)

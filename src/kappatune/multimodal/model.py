@@ -9,10 +9,21 @@ from .adaptor import SpeechAdaptor, pad_frames
 from .alignment import build_inputs
 
 
+def token_vectors(llm: nn.Module, ids: list[int], device) -> torch.Tensor:
+    """The vectors the LLM's layers read for ``ids``: its input-embedding module applied, not its table read
+    (Gemma's module multiplies the table by sqrt(hidden size) in forward; the table alone is 1/25 of that)."""
+    return llm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=device))
+
+
+@torch.no_grad()
 def embedding_rms(llm: nn.Module) -> float:
-    """Root-mean-square of the LLM's input token embeddings (per element): the scale its layers expect."""
-    w = llm.get_input_embeddings().weight
-    return float(w.detach().float().pow(2).mean().sqrt())
+    """Root-mean-square (per element) of the token vectors the LLM's layers read: the scale they expect. The
+    table's RMS times the module's own scale (1 for a plain embedding; measured on the largest row, so a
+    module that rescales in forward is followed without embedding the whole vocabulary)."""
+    w = llm.get_input_embeddings().weight.detach().float()
+    row = int(w.pow(2).sum(1).argmax())
+    scale = token_vectors(llm, [row], w.device).float().norm() / w[row].norm()
+    return float(w.pow(2).mean().sqrt() * scale)
 
 
 class SpeechLLM(nn.Module):
@@ -97,7 +108,7 @@ class SpeechLLM(nn.Module):
         from .bridge import bridge_embeddings
 
         head = self.adaptor.ctc_head
-        table = self.llm.get_input_embeddings().weight[torch.tensor(self.bridge_ids, device=audio.device)]
+        table = token_vectors(self.llm, self.bridge_ids, audio.device)
         return bridge_embeddings(head.frame_logits(audio), alens * head.per_position, table.to(audio.dtype))
 
     def _lm(self, audio, alens, text_ids, bos_id, eos_id):
