@@ -120,6 +120,13 @@ def test_lab_protocol_sweep_choose_seed_contrast_and_resume(setup, monkeypatch):
             os.remove(os.path.join(folder, "runs", name, "result.json"))
     early = lab.markdown(lab.analyse_existing(cfg))
     assert "No method has finished its learning-rate sweep yet" in early and "| kappatune | 0.001 |" in early
+    # the count covers the whole protocol: every sweep run, then seeds 1.. of every method, minus what is done;
+    # no sweep is complete here, so no rate is chosen and the seed runs on disk do not count yet
+    protocol = sum(len(cfg.grid(m)) for m in cfg.methods) + (cfg.seeds - 1) * len(cfg.methods)
+    swept = sum(os.path.exists(os.path.join(folder, "runs", d, "result.json"))
+                for d in os.listdir(os.path.join(folder, "runs")) if d.endswith("-seed0"))
+    assert 0 < swept < protocol
+    assert f"**Partial**: {protocol - swept} runs of the protocol are not done yet" in early
 
 
 def test_lab_isolated_subprocess(setup):

@@ -443,7 +443,9 @@ def analyse_existing(cfg: LabConfig) -> dict:
     out = analyse(sub, base_figures(cfg), sweep, seeded, chosen) if complete else \
         {"config": asdict(cfg), "base": base_figures(cfg), "chosen_lr": {}, "sweep": sweep, "runs": [],
          "per_method": {}, "contrasts": [], "kappa_vs_forgetting": _finite(kappa_vs_forgetting(cfg, sweep))}
-    out["missing"] = missing + [f"{m} (sweep incomplete)" for m in cfg.methods if m not in complete]
+    out["missing"] = missing
+    # a method still sweeping has seeds to come at a rate not chosen yet: counted, not named
+    out["pending_seeds"] = {m: cfg.seeds - 1 for m in cfg.methods if m not in complete and cfg.seeds > 1}
     return out
 
 
@@ -526,6 +528,18 @@ def _fmt_iv(iv: dict, fmt: str) -> str:
     return f"{fmt.format(iv['mean'])} [{fmt.format(iv['low'])}, {fmt.format(iv['high'])}]"
 
 
+def _partial_line(missing: list[str], pending_seeds: dict[str, int]) -> str:
+    """How much of the protocol is still to run: the named runs (sweep runs, and seeds at chosen rates) plus
+    the seeds of methods whose rate is not chosen yet."""
+    n = len(missing) + sum(pending_seeds.values())
+    parts = [f"e.g. {', '.join(missing[:3])}"] if missing else []
+    if pending_seeds:
+        parts.append(f"{sum(pending_seeds.values())} of them the seeds of {len(pending_seeds)} methods whose "
+                     "sweep is not complete")
+    return (f"**Partial**: {n} runs of the protocol are not done yet ({'; '.join(parts)}); the figures below "
+            "use the finished ones.")
+
+
 def markdown(out: dict) -> str:
     cfg = out["config"]
     ctrl = cfg["controls"]
@@ -534,9 +548,8 @@ def markdown(out: dict) -> str:
         [("generalisation_gap", "{:+.2f}"), ("final_train_loss", "{:.3f}"), ("trainable_params", "{:,.0f}"),
          ("kappa_dlog10_median", "{:+.4f}")]
     base = out["base"]
-    partial = [f"**Partial**: {len(out['missing'])} runs of the protocol are not done yet (e.g. "
-               f"{', '.join(out['missing'][:3])}); the figures below use the finished ones.", ""] \
-        if out.get("missing") else []
+    partial = [_partial_line(out.get("missing", []), out.get("pending_seeds", {})), ""] \
+        if out.get("missing") or out.get("pending_seeds") else []
     head = partial + [f"base model: accuracy {base['accuracy']:.3f}; " +
                       "; ".join(f"{c} PPL {base[f'control_ppl[{c}]']:.2f}" for c in ctrl), ""]
     if not out["per_method"]:
