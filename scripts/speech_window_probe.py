@@ -25,7 +25,7 @@ from kappatune.multimodal.ctc import char_targets
 from kappatune.multimodal.ctc_stage import ctc_pretrain
 from kappatune.multimodal.encoders import encoder_window_s, feature_extractor, load_encoder
 from kappatune.multimodal.model import SpeechLLM
-from kappatune.multimodal.speech_train import (check_clips, ctc_read, encode_clips, frames_cache_dir,
+from kappatune.multimodal.speech_train import (check_clips, ctc_reading, encode_clips, frames_cache_dir,
                                                load_manifest)
 
 
@@ -57,7 +57,7 @@ def probe(window: float, args) -> dict:
                                steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                log_every=250)
     model.adaptor.eval()
-    cer = {os.path.basename(path): ctc_read(model, frames, [r["text"] for r in tests[path]])
+    cer = {os.path.basename(path): ctc_reading(model.adaptor, frames, [r["text"] for r in tests[path]])["cer"]
            for path, frames in test_frames.items()}
     return {"window_s": window, "encode_s_per_clip": encode_s / n_test, "train_clips": len(train_rows),
             "ctc_steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,

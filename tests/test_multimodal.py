@@ -358,12 +358,32 @@ def test_ctc_stage_learns_the_letters_and_runs_once_per_output(tmp_path):
     texts = ["".join(CHARS[c - 1] for c in t) for t in chars]
     hyps = ad.ctc_head.greedy(out, lens)
     assert word_error_rates(texts, hyps)["cer"] < 0.1
-    from types import SimpleNamespace
+    from kappatune.multimodal.speech_train import ctc_reading
 
-    from kappatune.multimodal.speech_train import ctc_read
-
-    assert ctc_read(SimpleNamespace(adaptor=ad), frames, [t.upper() + "!" for t in texts]) < 0.1  # normalised refs
-    assert ctc_read(SimpleNamespace(adaptor=ad), frames, texts[1:] + texts[:1]) > 0.3  # wrong references
+    right = ctc_reading(ad, frames, [t.upper() + "!" for t in texts])  # references are normalised
+    wrong = ctc_reading(ad, frames, texts[1:] + texts[:1])
+    assert right["cer"] < 0.1 and wrong["cer"] > 0.3 and right["wer"] < wrong["wer"]
+    # a probe along the stage (here of six training clips; train-speech reads the held-out ones): its curve in
+    # the history, and the same trained weights as without it
+    probe_frames, probe_texts = frames[:6], texts[:6]
+    runs = {}
+    for probing in (False, True):
+        torch.manual_seed(0)
+        a = SpeechAdaptor(8, 16, subsample=2, heads=2, layers=1, ctc_head=True)
+        def probe(a=a):
+            r = ctc_reading(a, probe_frames, probe_texts)
+            return {"heldout_ctc_cer": r["cer"], "heldout_ctc_wer": r["wer"]}
+        hist = ctc_pretrain(a, frames, chars, steps=250, lr=1e-2, batch_size=4, seed=0, log_every=50,
+                            probe=probe if probing else None, probe_every=100)
+        runs[probing] = (a, hist)
+    plain, probed = runs[False], runs[True]
+    assert all(torch.equal(x, y) for x, y in zip(plain[0].state_dict().values(), probed[0].state_dict().values()))
+    curve = [(h["step"], h["heldout_ctc_cer"]) for h in probed[1] if "heldout_ctc_cer" in h]
+    assert [s for s, _ in curve] == [100, 200, 250] and curve[-1][1] < 0.5 * curve[0][1] + 0.05
+    assert all("heldout_ctc_cer" not in h for h in plain[1])
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        ctc_pretrain(a, frames, chars, steps=10, lr=1e-3, batch_size=2, seed=0, log_every=50, probe=probe,
+                     probe_every=75)
     with pytest.raises(ValueError):
         ctc_pretrain(SpeechAdaptor(8, 16, subsample=2, heads=2, layers=1), frames, chars, steps=1, lr=1e-3,
                      batch_size=2, seed=0)
@@ -392,7 +412,9 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     saved = json.loads((out / "model" / "adaptor.json").read_text())
     assert saved["subsample"] == 8 and saved["out_norm"] is True and saved["ctc_weight"] == 0.0  # head dropped
     res = json.loads(r.stdout)
-    assert res["ctc_stage"]["steps"] == 4 and 0 <= res["final"]["ctc_cer"] <= 5
+    assert res["ctc_stage"]["steps"] == 4 and 0 <= res["final"]["ctc_cer"] <= 5 and "ctc_wer" in res["final"]
+    last = res["ctc_stage"]["history"][-1]  # the stage's held-out reading, at its last step here
+    assert last["step"] == 4 and 0 <= last["heldout_ctc_cer"] <= 5 and last["heldout_ctc_wer"] >= 0
     sel = json.loads((out / "selection.json").read_text())
     assert res["steps"] == 3 and res["frozen_verified"] and 0 < res["trainable"]["llm"] <= 5000
     assert len(list((tmp_path / "kt-speech-cache").glob("frames-*.safetensors"))) == 2  # train + test clips

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 
@@ -30,11 +31,19 @@ STAGE_RECORD = "ctc_stage.json"
 
 
 def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]], *, steps: int, lr: float,
-                 batch_size: int, seed: int, log_every: int = 50) -> list[dict]:
+                 batch_size: int, seed: int, log_every: int = 50, probe: Callable[[], dict] | None = None,
+                 probe_every: int = 0) -> list[dict]:
     """``steps`` AdamW steps of the adaptor (and its CTC head) on the CTC loss alone, batches drawn with a
-    seeded generator, linear warmup over the first tenth then linear decay; returns the logged losses."""
+    seeded generator, linear warmup over the first tenth then linear decay; returns the logged losses.
+
+    ``probe`` (e.g. the head's reading of held-out clips, ``speech_train.ctc_reading``) is called every
+    ``probe_every`` steps (a multiple of ``log_every``) and at the last step, its figures added to that
+    step's entry: the stage's learning curve on data it does not train on. It must leave the adaptor's mode
+    and the global RNG as it found them, so probing does not change the trained weights."""
     if adaptor.ctc_head is None:
         raise ValueError("the adaptor has no CTC head")
+    if probe is not None and (probe_every <= 0 or probe_every % log_every):
+        raise ValueError(f"probe_every ({probe_every}) must be a positive multiple of log_every ({log_every})")
     params = [p for p in adaptor.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
@@ -57,8 +66,12 @@ def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]],
             running += float(loss.detach())
             if step % log_every == 0 or step == steps:
                 n = log_every if step % log_every == 0 else step % log_every
-                history.append({"step": step, "ctc_loss": running / n})
-                log.info("CTC stage step %d/%d: loss %.3f", step, steps, running / n)
+                entry = {"step": step, "ctc_loss": running / n}
+                if probe is not None and (step % probe_every == 0 or step == steps):
+                    entry.update(probe())
+                history.append(entry)
+                log.info("CTC stage step %d/%d: loss %.3f%s", step, steps, running / n,
+                         "".join(f", held-out {k} {v:.3f}" for k, v in entry.items() if k.startswith("heldout")))
                 running = 0.0
     finally:
         adaptor.train(was_training)
@@ -105,15 +118,18 @@ def load_ctc_stage(adaptor, folder: str, fingerprint: dict) -> dict:
 
 
 def run_ctc_stage(adaptor, frames, char_ids, out_dir: str, *, steps: int, lr: float, batch_size: int,
-                  seed: int, fingerprint: dict | None = None) -> dict:
-    """The stage once per output folder: trained and saved, or the saved result loaded into ``adaptor``."""
+                  seed: int, fingerprint: dict | None = None, probe: Callable[[], dict] | None = None,
+                  probe_every: int = 0) -> dict:
+    """The stage once per output folder: trained and saved, or the saved result loaded into ``adaptor``
+    (``probe``: as in ``ctc_pretrain``)."""
     from safetensors.torch import save_file
 
     fingerprint = fingerprint or {}
     if stage_record(out_dir) is not None:
         return load_ctc_stage(adaptor, out_dir, fingerprint)
     t0 = time.perf_counter()
-    history = ctc_pretrain(adaptor, frames, char_ids, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    history = ctc_pretrain(adaptor, frames, char_ids, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                           probe=probe, probe_every=probe_every)
     res = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "clips": len(frames),
            "wall_s": time.perf_counter() - t0, "fingerprint": fingerprint, "history": history}
     weights = os.path.join(out_dir, STAGE_WEIGHTS)

@@ -166,24 +166,26 @@ def evaluate_frames(model, tok, frames: list[torch.Tensor], refs: list[str], max
 
 
 @torch.no_grad()
-def ctc_read(model, frames: list[torch.Tensor], refs: list[str], batch_size: int = 16) -> float:
-    """CER of the CTC head's best-path reading of the adaptor's outputs against the normalised references:
-    whether the audio's content reaches the vectors the LLM reads, with the LLM out of the loop."""
+@torch.no_grad()
+def ctc_reading(adaptor, frames: list[torch.Tensor], refs: list[str], batch_size: int = 16) -> dict:
+    """WER and CER of the CTC head's best-path reading of the adaptor's outputs against the normalised
+    references: whether the audio's content reaches the vectors the LLM reads, with the LLM out of the loop."""
     from .adaptor import pad_frames
     from .ctc import char_text
     from .model import word_error_rates
 
-    was_training = model.adaptor.training
-    model.adaptor.eval()
+    was_training = adaptor.training
+    adaptor.eval()
     hyps: list[str] = []
     try:
         for i in range(0, len(frames), batch_size):
-            out, out_lens = model.adaptor(*pad_frames(frames[i:i + batch_size]))
-            hyps += model.adaptor.ctc_head.greedy(out, out_lens)
+            out, out_lens = adaptor(*pad_frames(frames[i:i + batch_size]))
+            hyps += adaptor.ctc_head.greedy(out, out_lens)
     finally:
-        model.adaptor.train(was_training)
+        adaptor.train(was_training)
     wanted = [char_text(char_targets(r)) for r in refs]
-    return word_error_rates(wanted, hyps)["cer"]
+    scores = word_error_rates(wanted, hyps)
+    return {"wer": scores["wer"], "cer": scores["cer"]}
 
 
 @torch.no_grad()
@@ -406,7 +408,8 @@ def measure(model, tok, test_frames, test_refs, control, base_ppl, cfg: SpeechTr
         rec.update(wer=r["wer"], cer=r["cer"], clips=r["clips"], examples=r["examples"])
         rec.update(audio_use(model, tok, test_frames, test_refs))
         if model.adaptor.ctc_head is not None:
-            rec["ctc_cer"] = ctc_read(model, test_frames, test_refs)
+            reading = ctc_reading(model.adaptor, test_frames, test_refs)
+            rec.update(ctc_cer=reading["cer"], ctc_wer=reading["wer"])
     if control is not None:
         ppl = perplexity(model.llm, tok, chunks=control)["ppl"]
         rec.update(control_ppl=ppl, dppl=ppl - base_ppl)
@@ -498,9 +501,15 @@ def _ctc_stage(model, data, out_dir: str, cfg: SpeechTrainConfig, meta: dict | N
         return dict(load_ctc_stage(model.adaptor, cfg.ctc_stage_from, fingerprint), source=cfg.ctc_stage_from)
     if resume:
         return stage_record(out_dir)
+    def heldout_reading() -> dict:
+        reading = ctc_reading(model.adaptor, data.test_frames, data.test_refs)
+        return {"heldout_ctc_cer": reading["cer"], "heldout_ctc_wer": reading["wer"]}
+
+    # the stage's curve on every held-out clip (cheap without the LLM), at ~20 points
+    probe = heldout_reading if data.test_frames else None
     return run_ctc_stage(model.adaptor, data.train_frames, data.char_ids, out_dir, steps=cfg.ctc_steps,
                          lr=cfg.ctc_lr or cfg.adaptor_lr or cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                         fingerprint=fingerprint)
+                         fingerprint=fingerprint, probe=probe, probe_every=max(1, cfg.ctc_steps // 20 // 50) * 50)
 
 
 def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg: SpeechTrainConfig,
