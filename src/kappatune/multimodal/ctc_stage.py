@@ -70,8 +70,8 @@ def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]],
                 if probe is not None and (step % probe_every == 0 or step == steps):
                     entry.update(probe())
                 history.append(entry)
-                log.info("CTC stage step %d/%d: loss %.3f%s", step, steps, running / n,
-                         "".join(f", held-out {k} {v:.3f}" for k, v in entry.items() if k.startswith("heldout")))
+                probed = "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in entry.items() if k.startswith("heldout"))
+                log.info("CTC stage step %d/%d: loss %.3f%s", step, steps, running / n, probed)
                 running = 0.0
     finally:
         adaptor.train(was_training)
