@@ -173,7 +173,7 @@ def worker_failure(stderr, tail=3000):
     head = []
     for i in fatal[:2]:
         block = lines[i:i + 40]
-        head += [ln for ln in block if not ln.startswith("Extension modules:")] + ["..."]
+        head += [ln for ln in block if "Extension modules:" not in ln] + ["..."]  # workers' lines may be prefixed
     return "\n".join(head) + "\n" + stderr[-tail:]
 
 

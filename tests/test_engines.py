@@ -171,3 +171,16 @@ def test_deepspeed_zero3_two_cpu_processes_match_ddp(lm_folder, tmp_path):
             torch.testing.assert_close(w[k], outs["ddp"][1][k], rtol=1e-4, atol=1e-6)
         else:
             assert torch.equal(w[k], v), k
+
+
+def test_worker_failure_shows_the_fatal_error_block_before_the_tail():
+    """The helper the torchrun tests report failures with: faulthandler's cause and stack survive the long
+    extension-module list that follows them (a plain stderr tail kept only that list)."""
+    stderr = ("[rank1]: Fatal Python error: Aborted\n\nThread 0x7f (most recent call first):\n"
+              '  File "train.py", line 12 in step\n[rank1]: Extension modules: numpy, torch, ' + "x, " * 2000
+              + "\ntorchrun: worker 1 failed\n")
+    shown = worker_failure(stderr, tail=200)
+    head = shown.split("...")[0]
+    assert "Fatal Python error: Aborted" in head and 'line 12 in step' in head and "Extension modules" not in head
+    assert shown.endswith("torchrun: worker 1 failed\n") and len(shown) < 600
+    assert worker_failure("plain error\n", tail=50) == "\nplain error\n"  # no fatal block: the tail alone

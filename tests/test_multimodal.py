@@ -364,23 +364,31 @@ def test_ctc_stage_learns_the_letters_and_runs_once_per_output(tmp_path):
     wrong = ctc_reading(ad, frames, texts[1:] + texts[:1])
     assert right["cer"] < 0.1 and wrong["cer"] > 0.3 and right["wer"] < wrong["wer"]
     # a probe along the stage (here of six training clips; train-speech reads the held-out ones): its curve in
-    # the history, and the same trained weights as without it
+    # the history, and the same trained weights as without it, even for a probe that draws from the global RNG
+    # and leaves the adaptor in eval mode (the stage forks the RNG and restores training mode; with dropout
+    # either would otherwise change every later step)
     probe_frames, probe_texts = frames[:6], texts[:6]
     runs = {}
     for probing in (False, True):
         torch.manual_seed(0)
-        a = SpeechAdaptor(8, 16, subsample=2, heads=2, layers=1, ctc_head=True)
+        a = SpeechAdaptor(8, 16, subsample=2, heads=2, layers=1, dropout=0.1, ctc_head=True)
+
         def probe(a=a):
+            torch.rand(3)
             r = ctc_reading(a, probe_frames, probe_texts)
+            a.eval()
             return {"heldout_ctc_cer": r["cer"], "heldout_ctc_wer": r["wer"]}
+
         hist = ctc_pretrain(a, frames, chars, steps=250, lr=1e-2, batch_size=4, seed=0, log_every=50,
                             probe=probe if probing else None, probe_every=100)
         runs[probing] = (a, hist)
     plain, probed = runs[False], runs[True]
     assert all(torch.equal(x, y) for x, y in zip(plain[0].state_dict().values(), probed[0].state_dict().values()))
     curve = [(h["step"], h["heldout_ctc_cer"]) for h in probed[1] if "heldout_ctc_cer" in h]
-    assert [s for s, _ in curve] == [100, 200, 250] and curve[-1][1] < 0.5 * curve[0][1] + 0.05
-    assert all("heldout_ctc_cer" not in h for h in plain[1])
+    assert [s for s, _ in curve] == [100, 200, 250] and curve[-1][1] < curve[0][1]
+    assert all(h["probe_s"] >= 0 for h in probed[1] if "heldout_ctc_cer" in h)
+    assert all("heldout_ctc_cer" not in h for h in plain[1]) and [h["ctc_loss"] for h in plain[1]] == \
+        [h["ctc_loss"] for h in probed[1]]
     with pytest.raises(ValueError, match="multiple of log_every"):
         ctc_pretrain(a, frames, chars, steps=10, lr=1e-3, batch_size=2, seed=0, log_every=50, probe=probe,
                      probe_every=75)

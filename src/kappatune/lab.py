@@ -425,7 +425,8 @@ def run_lab(cfg: LabConfig) -> dict:
 
 def analyse_existing(cfg: LabConfig) -> dict:
     """The analysis of whatever runs have finished (no training): methods whose sweep is complete get their
-    rate chosen and their finished seeds counted; ``missing`` lists the runs still to do."""
+    rate chosen and their finished seeds counted; ``missing`` names the runs still to do that can be named
+    (sweep runs, seeds at chosen rates), ``pending_seeds`` counts the seeds of methods still sweeping."""
     def done(spec: RunSpec) -> dict | None:
         path = os.path.join(cfg.output, "runs", spec.name, "result.json")
         return _load_json(path) if os.path.exists(path) else None
@@ -534,8 +535,9 @@ def _partial_line(missing: list[str], pending_seeds: dict[str, int]) -> str:
     n = len(missing) + sum(pending_seeds.values())
     parts = [f"e.g. {', '.join(missing[:3])}"] if missing else []
     if pending_seeds:
-        parts.append(f"{sum(pending_seeds.values())} of them the seeds of {len(pending_seeds)} methods whose "
-                     "sweep is not complete")
+        methods = "1 method whose sweep is" if len(pending_seeds) == 1 else \
+            f"{len(pending_seeds)} methods whose sweep is"
+        parts.append(f"{sum(pending_seeds.values())} of them the seeds of {methods} not complete")
     return (f"**Partial**: {n} runs of the protocol are not done yet ({'; '.join(parts)}); the figures below "
             "use the finished ones.")
 

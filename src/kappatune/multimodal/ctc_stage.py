@@ -28,18 +28,21 @@ log = logging.getLogger(__name__)
 
 STAGE_WEIGHTS = "ctc_stage.safetensors"
 STAGE_RECORD = "ctc_stage.json"
+STAGE_LOG_EVERY = 50  # steps between logged losses (and the grid a probe runs on)
 
 
 def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]], *, steps: int, lr: float,
-                 batch_size: int, seed: int, log_every: int = 50, probe: Callable[[], dict] | None = None,
+                 batch_size: int, seed: int, log_every: int = STAGE_LOG_EVERY,
+                 probe: Callable[[], dict] | None = None,
                  probe_every: int = 0) -> list[dict]:
     """``steps`` AdamW steps of the adaptor (and its CTC head) on the CTC loss alone, batches drawn with a
     seeded generator, linear warmup over the first tenth then linear decay; returns the logged losses.
 
     ``probe`` (e.g. the head's reading of held-out clips, ``speech_train.ctc_reading``) is called every
-    ``probe_every`` steps (a multiple of ``log_every``) and at the last step, its figures added to that
-    step's entry: the stage's learning curve on data it does not train on. It must leave the adaptor's mode
-    and the global RNG as it found them, so probing does not change the trained weights."""
+    ``probe_every`` steps (a multiple of ``log_every``) and at the last step, its figures (and its time,
+    ``probe_s``) added to that step's entry: the stage's learning curve on data it does not train on. It runs
+    with the RNG state forked and the adaptor put back in training mode after it, so probing cannot change
+    the trained weights."""
     if adaptor.ctc_head is None:
         raise ValueError("the adaptor has no CTC head")
     if probe is not None and (probe_every <= 0 or probe_every % log_every):
@@ -67,15 +70,27 @@ def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]],
             if step % log_every == 0 or step == steps:
                 n = log_every if step % log_every == 0 else step % log_every
                 entry = {"step": step, "ctc_loss": running / n}
-                if probe is not None and (step % probe_every == 0 or step == steps):
-                    entry.update(probe())
-                history.append(entry)
-                probed = "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in entry.items() if k.startswith("heldout"))
-                log.info("CTC stage step %d/%d: loss %.3f%s", step, steps, running / n, probed)
+                probed = _run_probe(probe, adaptor) if probe is not None and (
+                    step % probe_every == 0 or step == steps) else {}
+                history.append({**entry, **probed})
+                shown = "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in probed.items()
+                                if isinstance(v, float) and k != "probe_s")
+                log.info("CTC stage step %d/%d: loss %.3f%s", step, steps, running / n, shown)
                 running = 0.0
     finally:
         adaptor.train(was_training)
     return history
+
+
+def _run_probe(probe: Callable[[], dict], adaptor) -> dict:
+    """``probe()``'s figures and its time; the RNG state and the adaptor's training mode are restored, so the
+    steps after it draw and behave as if it had not run."""
+    t0 = time.perf_counter()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        figures = probe()
+    adaptor.train()
+    return {**figures, "probe_s": time.perf_counter() - t0}
 
 
 def stage_record(out_dir: str) -> dict | None:

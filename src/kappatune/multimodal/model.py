@@ -9,10 +9,12 @@ from .adaptor import SpeechAdaptor, pad_frames
 from .alignment import build_inputs
 
 
-def token_vectors(llm: nn.Module, ids: list[int], device) -> torch.Tensor:
+def token_vectors(llm: nn.Module, ids: list[int]) -> torch.Tensor:
     """The vectors the LLM's layers read for ``ids``: its input-embedding module applied, not its table read
-    (Gemma's module multiplies the table by sqrt(hidden size) in forward; the table alone is 1/25 of that)."""
-    return llm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=device))
+    (Gemma's module multiplies the table by sqrt(hidden size) in forward; the table alone is 1/25 of that).
+    On the embedding's own device."""
+    layer = llm.get_input_embeddings()
+    return layer(torch.tensor(ids, dtype=torch.long, device=layer.weight.device))
 
 
 @torch.no_grad()
@@ -20,10 +22,16 @@ def embedding_rms(llm: nn.Module) -> float:
     """Root-mean-square (per element) of the token vectors the LLM's layers read: the scale they expect. The
     table's RMS times the module's own scale (1 for a plain embedding; measured on the largest row, so a
     module that rescales in forward is followed without embedding the whole vocabulary)."""
-    w = llm.get_input_embeddings().weight.detach().float()
+    w = llm.get_input_embeddings().weight.detach()
+    if w.is_meta or not w.is_floating_point():
+        raise ValueError(f"the LLM's input embeddings are not a loaded float table ({w.dtype}, {w.device}): "
+                         "load the model's weights before building the speech model")
+    w = w.float()
     row = int(w.pow(2).sum(1).argmax())
-    scale = token_vectors(llm, [row], w.device).float().norm() / w[row].norm()
-    return float(w.pow(2).mean().sqrt() * scale)
+    if not w[row].any():
+        raise ValueError("the LLM's input embeddings are all zero: no scale to match")
+    scale = token_vectors(llm, [row]).float().norm() / w[row].norm()
+    return float(w.pow(2).mean().sqrt() * scale)  # a plain embedding: exactly the table's RMS (scale 1.0)
 
 
 class SpeechLLM(nn.Module):
@@ -108,7 +116,7 @@ class SpeechLLM(nn.Module):
         from .bridge import bridge_embeddings
 
         head = self.adaptor.ctc_head
-        table = token_vectors(self.llm, self.bridge_ids, audio.device)
+        table = token_vectors(self.llm, self.bridge_ids).to(audio.device)
         return bridge_embeddings(head.frame_logits(audio), alens * head.per_position, table.to(audio.dtype))
 
     def _lm(self, audio, alens, text_ids, bos_id, eos_id):

@@ -166,7 +166,6 @@ def evaluate_frames(model, tok, frames: list[torch.Tensor], refs: list[str], max
 
 
 @torch.no_grad()
-@torch.no_grad()
 def ctc_reading(adaptor, frames: list[torch.Tensor], refs: list[str], batch_size: int = 16) -> dict:
     """WER and CER of the CTC head's best-path reading of the adaptor's outputs against the normalised
     references: whether the audio's content reaches the vectors the LLM reads, with the LLM out of the loop."""
@@ -489,7 +488,7 @@ def _ctc_stage(model, data, out_dir: str, cfg: SpeechTrainConfig, meta: dict | N
     """The CTC stage's record, after training it here (``ctc_steps``) or loading another run's
     (``ctc_stage_from``) into the adaptor; a resumed run's checkpoint already holds the adaptor, so only the
     record is read then."""
-    from .ctc_stage import load_ctc_stage, run_ctc_stage, stage_record
+    from .ctc_stage import STAGE_LOG_EVERY, load_ctc_stage, run_ctc_stage, stage_record
 
     if not cfg.ctc_steps and not cfg.ctc_stage_from:
         return None
@@ -503,13 +502,15 @@ def _ctc_stage(model, data, out_dir: str, cfg: SpeechTrainConfig, meta: dict | N
         return stage_record(out_dir)
     def heldout_reading() -> dict:
         reading = ctc_reading(model.adaptor, data.test_frames, data.test_refs)
-        return {"heldout_ctc_cer": reading["cer"], "heldout_ctc_wer": reading["wer"]}
+        return {"heldout_ctc_cer": reading["cer"], "heldout_ctc_wer": reading["wer"],
+                "heldout_clips": len(data.test_frames)}
 
-    # the stage's curve on every held-out clip (cheap without the LLM), at ~20 points
-    probe = heldout_reading if data.test_frames else None
+    # the stage's curve on every held-out clip (cheap without the LLM): about 20 points, on logged steps
+    every = max(1, round(cfg.ctc_steps / 20 / STAGE_LOG_EVERY)) * STAGE_LOG_EVERY
     return run_ctc_stage(model.adaptor, data.train_frames, data.char_ids, out_dir, steps=cfg.ctc_steps,
                          lr=cfg.ctc_lr or cfg.adaptor_lr or cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                         fingerprint=fingerprint, probe=probe, probe_every=max(1, cfg.ctc_steps // 20 // 50) * 50)
+                         fingerprint=fingerprint, probe=heldout_reading if data.test_frames else None,
+                         probe_every=every)
 
 
 def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg: SpeechTrainConfig,
