@@ -27,11 +27,12 @@ def embedding_rms(llm: nn.Module) -> float:
         raise ValueError(f"the LLM's input embeddings are not a loaded float table ({w.dtype}, {w.device}): "
                          "load the model's weights before building the speech model")
     w = w.float()
-    row = int(w.pow(2).sum(1).argmax())
+    squares = w.pow(2)  # squared once: a large vocabulary's table is big
+    row = int(squares.sum(1).argmax())
     if not w[row].any():
         raise ValueError("the LLM's input embeddings are all zero: no scale to match")
     scale = token_vectors(llm, [row]).float().norm() / w[row].norm()
-    return float(w.pow(2).mean().sqrt() * scale)  # a plain embedding: exactly the table's RMS (scale 1.0)
+    return float(squares.mean().sqrt() * scale)  # a plain embedding: exactly the table's RMS (scale 1.0)
 
 
 class SpeechLLM(nn.Module):
