@@ -3,6 +3,7 @@ speeds and pitches, 16 kHz mono WAV, as JSONL manifests (one {"audio": path, "te
 "speed": ..., "pitch": ...} per line):
 
     train.jsonl        the training sentences, each in one voice/speed/pitch drawn from the training voices
+                       (with --renderings K, each K times in K different training voices)
     test.jsonl         held-out sentences (never in train), spoken by the training voices
     test_unseen.jsonl  the same held-out sentences in a voice never used for training (--unseen-voice)
 
@@ -60,9 +61,21 @@ def speak(text: str, wav: str, voice: str, speed: int, pitch: int) -> None:
 
 
 def plan(texts: list[str], n_test: int, voices: list[str], unseen: str, speeds: list[int], pitches: list[int],
-         seed: int) -> dict[str, list[dict]]:
+         seed: int, renderings: int = 1) -> dict[str, list[dict]]:
     """Which sentence is spoken how: held-out sentences first, each drawn once for the training voices and once
-    in the unseen voice (same speed and pitch, so the voice is the only difference between the two test sets)."""
+    in the unseen voice (same speed and pitch, so the voice is the only difference between the two test sets).
+    ``renderings`` > 1 speaks each training sentence again in other training voices; those rows come after the
+    first renderings, which (like the test sets) are the same as with ``renderings=1``, so a set made before
+    keeps its clips and a run on it can be compared with one on the larger set."""
+    if not 1 <= renderings <= len(voices):
+        raise SystemExit(f"--renderings must be between 1 and the {len(voices)} training voices, got {renderings}")
+    rows = _first_renderings(texts, n_test, voices, unseen, speeds, pitches, seed)
+    rows["train"] += _extra_renderings(rows["train"], voices, speeds, pitches, seed, renderings)
+    return rows
+
+
+def _first_renderings(texts: list[str], n_test: int, voices: list[str], unseen: str, speeds: list[int],
+                      pitches: list[int], seed: int) -> dict[str, list[dict]]:
     rng = random.Random(seed + 1)
     rows: dict[str, list[dict]] = {"train": [], "test": [], "test_unseen": []}
     for i, text in enumerate(texts):
@@ -75,6 +88,24 @@ def plan(texts: list[str], n_test: int, voices: list[str], unseen: str, speeds: 
     return rows
 
 
+def _extra_renderings(first: list[dict], voices: list[str], speeds: list[int], pitches: list[int], seed: int,
+                      renderings: int) -> list[dict]:
+    """Renderings 2..K of each training sentence, from their own random stream (so the first renderings do not
+    change), each in a training voice the sentence has not been spoken in yet: a new accent or formant set is
+    what the encoder's frames vary most with, more than speed or pitch."""
+    rng = random.Random(seed + 2)
+    voices_used = {row["clip"]: {row["voice"]} for row in first}
+    extra = []
+    for k in range(1, renderings):
+        for row in first:
+            used = voices_used[row["clip"]]
+            style = {"voice": rng.choice([v for v in voices if v not in used]), "speed": rng.choice(speeds),
+                     "pitch": rng.choice(pitches)}
+            used.add(style["voice"])
+            extra.append(dict(style, text=row["text"], clip=f"{row['clip']}-r{k}"))
+    return extra
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/speech")
@@ -85,6 +116,8 @@ def main() -> None:
     ap.add_argument("--unseen-voice", default=UNSEEN_VOICE, help="the second test set's voice")
     ap.add_argument("--speeds", default="145,175,205", help="words per minute (espeak-ng -s)")
     ap.add_argument("--pitches", default="35,50,65", help="espeak-ng -p, 0-99")
+    ap.add_argument("--renderings", type=int, default=1,
+                    help="how many times each training sentence is spoken, each time in another training voice")
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
     for tool in ("espeak-ng", "sox"):
@@ -96,7 +129,7 @@ def main() -> None:
     if not 0 < a.test < a.n:
         raise SystemExit(f"--test must be between 1 and --n - 1, got {a.test}")
     speeds, pitches = [int(x) for x in a.speeds.split(",")], [int(x) for x in a.pitches.split(",")]
-    rows = plan(sentences(a.n, a.seed), a.test, voices, a.unseen_voice, speeds, pitches, a.seed)
+    rows = plan(sentences(a.n, a.seed), a.test, voices, a.unseen_voice, speeds, pitches, a.seed, a.renderings)
     wav_dir = os.path.join(a.out, "wav")
     os.makedirs(wav_dir, exist_ok=True)
     jobs = [(r["text"], os.path.join(wav_dir, r["clip"] + ".wav"), r["voice"], r["speed"], r["pitch"])

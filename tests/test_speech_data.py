@@ -48,3 +48,22 @@ def test_speak_writes_a_16k_mono_wav_and_nothing_half_written(tmp_path):
     with pytest.raises(Exception):
         mod.speak("x", str(tmp_path / "b.wav"), "xx-nope", 175, 50)
     assert sorted(os.listdir(tmp_path)) == ["a.wav"]
+
+
+def test_renderings_add_other_voices_and_leave_the_first_renderings_and_test_sets_unchanged():
+    mod = _script()
+    texts = [f"sentence number {i} is here." for i in range(40)]
+    voices = ["en-us+m1", "en-gb+f1", "en-gb-scotland+m2", "en-us+f2"]
+    args = (texts, 10, voices, "en-029+m7", [140, 200], [30, 70])
+    one, three = mod.plan(*args, seed=5), mod.plan(*args, seed=5, renderings=3)
+    assert three["test"] == one["test"] and three["test_unseen"] == one["test_unseen"]
+    assert three["train"][:30] == one["train"] and len(three["train"]) == 90
+    by_text: dict[str, list[str]] = {}
+    for r in three["train"]:
+        by_text.setdefault(r["text"], []).append(r["voice"])
+    assert all(len(v) == 3 and len(set(v)) == 3 for v in by_text.values())  # three different voices each
+    assert not set(by_text) & {r["text"] for r in one["test"]}
+    assert len({r["clip"] for r in three["train"]}) == 90
+    assert three == mod.plan(*args, seed=5, renderings=3)
+    with pytest.raises(SystemExit, match="--renderings"):
+        mod.plan(*args, seed=5, renderings=5)
