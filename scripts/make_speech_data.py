@@ -106,6 +106,18 @@ def _extra_renderings(first: list[dict], voices: list[str], speeds: list[int], p
     return extra
 
 
+def within_seconds(rows: list[dict], wav_dir: str, max_seconds: float) -> tuple[list[dict], int]:
+    """The rows whose clip lasts at most ``max_seconds``, and how many were left out."""
+    import wave
+
+    kept = []
+    for r in rows:
+        with wave.open(os.path.join(wav_dir, r["clip"] + ".wav")) as w:
+            if w.getnframes() <= max_seconds * w.getframerate():
+                kept.append(r)
+    return kept, len(rows) - len(kept)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/speech")
@@ -118,6 +130,9 @@ def main() -> None:
     ap.add_argument("--pitches", default="35,50,65", help="espeak-ng -p, 0-99")
     ap.add_argument("--renderings", type=int, default=1,
                     help="how many times each training sentence is spoken, each time in another training voice")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="leave training clips longer than this out of train.jsonl (e.g. the encoder window "
+                         "train-speech will use: --encoder-window refuses longer clips); test sets are kept whole")
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
     for tool in ("espeak-ng", "sox"):
@@ -136,6 +151,9 @@ def main() -> None:
             for part in rows.values() for r in part]
     with ThreadPoolExecutor(max_workers=a.workers) as pool:
         list(pool.map(lambda j: speak(*j), jobs))
+    if a.max_seconds:
+        rows["train"], dropped = within_seconds(rows["train"], wav_dir, a.max_seconds)
+        print(f"{dropped} training clips over {a.max_seconds:g} s left out")
     for name, part in rows.items():
         tmp = os.path.join(a.out, f".{name}.jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:

@@ -67,3 +67,15 @@ def test_renderings_add_other_voices_and_leave_the_first_renderings_and_test_set
     assert three == mod.plan(*args, seed=5, renderings=3)
     with pytest.raises(SystemExit, match="--renderings"):
         mod.plan(*args, seed=5, renderings=5)
+
+
+def test_within_seconds_leaves_out_exactly_the_longer_clips(tmp_path):
+    import wave
+
+    mod = _script()
+    for name, seconds in (("a", 1.0), ("b", 2.5), ("c", 2.0)):
+        with wave.open(str(tmp_path / f"{name}.wav"), "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+            w.writeframes(b"\0\0" * int(seconds * 16000))
+    rows = [{"clip": n} for n in "abc"]
+    assert mod.within_seconds(rows, str(tmp_path), 2.0) == ([{"clip": "a"}, {"clip": "c"}], 1)
