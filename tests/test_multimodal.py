@@ -786,3 +786,35 @@ def test_speech_llm_uses_the_vectors_a_scaled_embedding_llm_reads():
     emb, lens = model.llm_inputs(audio, alens)
     assert lens.tolist() == [1]  # one character, repeated: one kept frame
     assert torch.allclose(emb[0, 0], read[chars[5]], atol=1e-5)
+
+
+def test_a_stage_trained_for_a_scaled_embedding_llm_records_the_scale_and_one_without_it_is_refused(tmp_path):
+    """The output norm's target is the embedding module's output scale: a Gemma-style stage saved without that
+    factor (as before it was recorded) must not load, while plain-embedding stages keep their fingerprint."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kappatune.errors import KappaTuneError
+    from kappatune.multimodal.ctc_stage import STAGE_RECORD, STAGE_WEIGHTS, load_ctc_stage
+    from kappatune.multimodal.speech_train import adaptor_structure, stage_fingerprint
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    gemma = SpeechLLM(_tiny_encoder(), AutoModelForCausalLM.from_config(cfg), subsample=4, heads=4, layers=1,
+                      out_norm=True)
+    llama = SpeechLLM(_tiny_encoder(), make_lm("llama")[0], subsample=4, heads=4, layers=1, out_norm=True)
+    meta = {"encoder": "enc", "encoder_window_s": 14.0, "llm": "lm"}
+    fp = stage_fingerprint(gemma, meta)
+    assert fp["embedding_scale"] == pytest.approx(32 ** 0.5, abs=1e-4)
+    assert stage_fingerprint(llama, meta) == {**adaptor_structure(llama), **meta}  # no new key: old stages load
+
+    old = {k: v for k, v in fp.items() if k != "embedding_scale"}
+    save_file({k: v.contiguous() for k, v in gemma.adaptor.state_dict().items()}, str(tmp_path / STAGE_WEIGHTS))
+    (tmp_path / STAGE_RECORD).write_text(json.dumps({"steps": 1, "fingerprint": old}))
+    with pytest.raises(KappaTuneError, match="embedding_scale"):
+        load_ctc_stage(gemma.adaptor, str(tmp_path), fp)
+    (tmp_path / STAGE_RECORD).write_text(json.dumps({"steps": 1, "fingerprint": fp}))
+    assert load_ctc_stage(gemma.adaptor, str(tmp_path), fp)["steps"] == 1

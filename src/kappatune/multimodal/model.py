@@ -18,21 +18,36 @@ def token_vectors(llm: nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embedding_rms(llm: nn.Module) -> float:
-    """Root-mean-square (per element) of the token vectors the LLM's layers read: the scale they expect. The
-    table's RMS times the module's own scale (1 for a plain embedding; measured on the largest row, so a
-    module that rescales in forward is followed without embedding the whole vocabulary)."""
+def _loaded_table(llm: nn.Module) -> torch.Tensor:
     w = llm.get_input_embeddings().weight.detach()
     if w.is_meta or not w.is_floating_point():
         raise ValueError(f"the LLM's input embeddings are not a loaded float table ({w.dtype}, {w.device}): "
                          "load the model's weights before building the speech model")
-    w = w.float()
-    squares = w.pow(2)  # squared once: a large vocabulary's table is big
+    return w.float()
+
+
+def _scale_on_row(llm: nn.Module, w: torch.Tensor, squares: torch.Tensor) -> float:
+    """The embedding module's own factor, measured on the table's largest row (so a module that rescales in
+    forward is followed without embedding the whole vocabulary)."""
     row = int(squares.sum(1).argmax())
     if not w[row].any():
         raise ValueError("the LLM's input embeddings are all zero: no scale to match")
-    scale = token_vectors(llm, [row]).float().norm() / w[row].norm()
-    return float(squares.mean().sqrt() * scale)  # a plain embedding: exactly the table's RMS (scale 1.0)
+    return float(token_vectors(llm, [row]).float().norm() / w[row].norm())
+
+
+def embedding_scale(llm: nn.Module) -> float:
+    """How much the embedding module multiplies its table by: 1.0 for a plain embedding, sqrt(hidden) for
+    Gemma. What an adaptor trained to the LLM's scale depends on beyond the table itself."""
+    w = _loaded_table(llm)
+    return _scale_on_row(llm, w, w.pow(2))
+
+
+def embedding_rms(llm: nn.Module) -> float:
+    """Root-mean-square (per element) of the token vectors the LLM's layers read: the scale they expect. The
+    table's RMS times the module's own scale (``embedding_scale``)."""
+    w = _loaded_table(llm)
+    squares = w.pow(2)  # squared once: a large vocabulary's table is big
+    return float(squares.mean().sqrt() * _scale_on_row(llm, w, squares))  # plain embedding: the table's RMS
 
 
 class SpeechLLM(nn.Module):

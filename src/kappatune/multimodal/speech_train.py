@@ -484,6 +484,21 @@ def _history(start_path: str, log_history: list[dict]) -> tuple[list[dict], list
     return history, losses
 
 
+def stage_fingerprint(model, meta: dict | None) -> dict:
+    """What a CTC stage's weights depend on besides the data: loading a stage elsewhere is refused on any
+    difference. A scaled embedding (Gemma's sqrt(hidden)) sets the output norm's target, so its factor is part
+    of it; a plain embedding (factor 1) adds no key, so the stages saved before the factor was recorded still
+    load where they are valid, and a scaled-embedding stage from then is refused."""
+    from .model import embedding_scale
+
+    fingerprint = {**adaptor_structure(model),
+                   **{k: (meta or {}).get(k) for k in ("encoder", "encoder_window_s", "llm")}}
+    scale = embedding_scale(model.llm)
+    if abs(scale - 1.0) > 1e-4:
+        fingerprint["embedding_scale"] = round(scale, 4)
+    return fingerprint
+
+
 def _ctc_stage(model, data, out_dir: str, cfg: SpeechTrainConfig, meta: dict | None, resume) -> dict | None:
     """The CTC stage's record, after training it here (``ctc_steps``) or loading another run's
     (``ctc_stage_from``) into the adaptor; a resumed run's checkpoint already holds the adaptor, so only the
@@ -492,8 +507,7 @@ def _ctc_stage(model, data, out_dir: str, cfg: SpeechTrainConfig, meta: dict | N
 
     if not cfg.ctc_steps and not cfg.ctc_stage_from:
         return None
-    # what the stage's weights depend on besides the data: loading it elsewhere is refused on a difference
-    fingerprint = {**adaptor_structure(model), **{k: (meta or {}).get(k) for k in ("encoder", "encoder_window_s", "llm")}}
+    fingerprint = stage_fingerprint(model, meta)
     if cfg.ctc_stage_from:
         if resume:
             return dict(stage_record(cfg.ctc_stage_from) or {}, source=cfg.ctc_stage_from)
