@@ -25,8 +25,8 @@ from kappatune.multimodal.ctc import char_targets
 from kappatune.multimodal.ctc_stage import ctc_pretrain
 from kappatune.multimodal.encoders import encoder_window_s, feature_extractor, load_encoder
 from kappatune.multimodal.model import SpeechLLM
-from kappatune.multimodal.speech_train import (check_clips, ctc_reading, encode_clips, frames_cache_dir,
-                                               load_manifest)
+from kappatune.multimodal.frames_cache import frames_cache_dir
+from kappatune.multimodal.speech_train import check_clips, ctc_reading, encode_clips, load_manifest
 
 
 def probe(window: float, args) -> dict:

@@ -425,7 +425,14 @@ def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     assert last["step"] == 4 and 0 <= last["heldout_ctc_cer"] <= 5 and last["heldout_ctc_wer"] >= 0
     sel = json.loads((out / "selection.json").read_text())
     assert res["steps"] == 3 and res["frozen_verified"] and 0 < res["trainable"]["llm"] <= 5000
-    assert len(list((tmp_path / "kt-speech-cache").glob("frames-*.safetensors"))) == 2  # train + test clips
+    # one encoder folder, one shard: the train clips' four tones; the test clips are the same first two tones
+    # (the same bytes), so their frames came from the cache
+    from safetensors import safe_open
+
+    (folder,) = (tmp_path / "kt-speech-cache").glob("clips-*")
+    (shard,) = folder.glob("*.safetensors")
+    with safe_open(str(shard), framework="pt") as f:
+        assert len(list(f.keys())) == 4
     assert sel["policy"]["order"] == "highest" and res["meta"]["order"] == "highest"
     r = run("eval-speech", str(out), "--manifest", str(test), "--control", str(wiki), "--base", str(lm_folder),
             "-o", str(tmp_path / "ev.json"))
@@ -495,6 +502,32 @@ def test_encoder_frames_cache_is_exact_and_reused(tmp_path):
     model.encoder_frames = boom
     again = encode_clips(model, fe, rows, 40, cache_dir=str(tmp_path / "c"))
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, first, again))
+    # a grown manifest encodes only its new clip: a hard link of a cached clip is found by its bytes, an
+    # edited copy is not
+    import os
+    import shutil
+
+    os.link(rows[0]["audio"], tmp_path / "linked.wav")
+    shutil.copy(rows[2]["audio"], tmp_path / "edited.wav")
+    with open(tmp_path / "edited.wav", "r+b") as f:
+        f.seek(60)  # inside the samples, after the 44-byte header
+        f.write(b"\x10\x20")
+    grown = rows + [dict(rows[0], audio=str(tmp_path / "linked.wav")),
+                    dict(rows[2], audio=str(tmp_path / "edited.wav"))]
+    del model.encoder_frames  # the real method again
+    real, encoded = model.encoder_frames, []
+
+    def counting(f, lens):
+        encoded.append(len(lens))
+        return real(f, lens)
+
+    model.encoder_frames = counting
+    more = encode_clips(model, fe, grown, 40, batch_size=2, cache_dir=str(tmp_path / "c"))
+    assert encoded == [1]  # only the edited clip
+    assert all(torch.equal(a, b) for a, b in zip(more[:4], plain + plain[:1]))
+    assert more[4].shape == plain[2].shape and not torch.equal(more[4], plain[2])
+    shards = sorted(os.listdir(next((tmp_path / "c").iterdir())))
+    assert len(shards) == 2 and all(name.endswith(".safetensors") for name in shards)
     # a changed encoder is a different cache entry
     other, _ = _speech_setup()
     with torch.no_grad():

@@ -77,7 +77,8 @@ def run_train_speech(run: SpeechRun) -> dict:
     from .bridge import char_token_ids
     from .encoders import encoder_window_s, feature_extractor, load_encoder
     from .model import SpeechLLM
-    from .speech_train import check_clips, frames_cache_dir, load_manifest, train_speech
+    from .frames_cache import frames_cache_dir
+    from .speech_train import check_clips, load_manifest, train_speech
 
     if os.path.exists(run.output) and not os.path.isdir(run.output):
         raise KappaTuneError(f"--output {run.output} exists and is not a folder")

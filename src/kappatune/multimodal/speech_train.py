@@ -15,7 +15,6 @@ Output folder::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -94,59 +93,38 @@ def features(paths: list[str], extractor, n_frames: int):
     return out, lens
 
 
-# ------------------------------------------------------------------------------------------------ encoder cache
-def frames_cache_dir() -> str:
-    """Where encoder frames are cached: $KAPPATUNE_SPEECH_CACHE_DIR or ~/.cache/kappatune/speech-frames."""
-    from ..paths import cache_dir
-
-    return cache_dir("speech-frames", "KAPPATUNE_SPEECH_CACHE_DIR")
-
-
-def _encoder_digest(encoder) -> str:
-    from ..hashing import tensor_hash
-
-    h = hashlib.sha256()
-    for n, t in sorted(encoder.state_dict().items()):
-        h.update(f"{n}={tensor_hash(t)}".encode())
-    return h.hexdigest()[:16]
-
-
+# ------------------------------------------------------------------------------------------------ encoder frames
 def encode_clips(model, extractor, rows: list[dict], n_frames: int, *, batch_size: int = 8,
                  cache_dir: str | None = None) -> list[torch.Tensor]:
     """The frozen encoder's valid output frames for every clip, computed once.
 
-    With ``cache_dir`` they are kept in one safetensors file keyed by the encoder's weights, the feature
-    settings and each clip's path, size and modification time, so runs that share an encoder and a manifest
-    (the lowest/highest/random ablation) encode the audio once."""
-    key = None
-    if cache_dir:
-        h = hashlib.sha256(_encoder_digest(model.encoder).encode())
-        h.update(json.dumps([n_frames, extractor.feature_size, extractor.hop_length]).encode())
-        for r in rows:
-            st = os.stat(r["audio"])
-            h.update(f"{os.path.abspath(r['audio'])}|{st.st_size}|{st.st_mtime_ns}".encode())
-        key = os.path.join(cache_dir, f"frames-{h.hexdigest()[:20]}.safetensors")
-        if os.path.exists(key):
-            from safetensors.torch import load_file
+    With ``cache_dir`` each clip's frames are kept under the digest of its bytes, per encoder and feature
+    setting (``frames_cache``): runs that share an encoder (the lowest/highest/random ablation) encode the
+    audio once, and a manifest that grows encodes only its new clips."""
+    from . import frames_cache
 
-            d = load_file(key)
-            if len(d) == len(rows):
-                log.info("encoder frames for %d clips from the cache %s", len(rows), key)
-                return [d[str(i)] for i in range(len(rows))]
+    if not cache_dir:
+        return _encode(model, extractor, rows, n_frames, batch_size)
+    folder = frames_cache.encoder_folder(cache_dir, model.encoder, n_frames, extractor)
+    digests = [frames_cache.clip_digest(r["audio"]) for r in rows]
+    found = frames_cache.load_cached(folder, set(digests))
+    missing = {d: r for d, r in zip(digests, rows) if d not in found}  # a clip twice is encoded once
+    new = dict(zip(missing, _encode(model, extractor, list(missing.values()), n_frames, batch_size)))
+    frames_cache.store(folder, new)
+    log.info("encoder frames: %d clips from the cache %s, %d encoded", len(rows) - len(missing), folder,
+             len(missing))
+    return [found[d] if d in found else new[d] for d in digests]
+
+
+def _encode(model, extractor, rows: list[dict], n_frames: int, batch_size: int) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     t0 = time.perf_counter()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         f, lens = features([r["audio"] for r in chunk], extractor, n_frames)
         out += [x.clone() for x in model.encoder_frames(f, lens)]
-    log.info("encoded %d clips with the frozen encoder in %.1f s", len(rows), time.perf_counter() - t0)
-    if key:
-        from safetensors.torch import save_file
-
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = key + f".{os.getpid()}.tmp"
-        save_file({str(i): x.contiguous() for i, x in enumerate(out)}, tmp)
-        os.replace(tmp, key)
+    if rows:
+        log.info("encoded %d clips with the frozen encoder in %.1f s", len(rows), time.perf_counter() - t0)
     return out
 
 
