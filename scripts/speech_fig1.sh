@@ -9,6 +9,7 @@
 #   bash scripts/speech_fig1.sh [seeds] [steps]     # defaults: "0", 300; ~30 min per arm on 2 cores
 #   BRIDGE=chars bash scripts/speech_fig1.sh ...     # every arm reads the CTC head's characters (--adaptor-bridge)
 #   STAGE=runs/speech-b2/stage bash scripts/speech_fig1.sh ...   # reuse a finished stage (fingerprint-checked)
+#   MANIFEST=data/speech-r3/train.jsonl OUT=runs/speech-fig1-r3 bash scripts/speech_fig1.sh ...   # other data
 # Resumable: a finished arm (speech_train.json present) is skipped, an interrupted one resumes from its
 # checkpoint. The stage is trained once, inside the seed-0 adaptor-only arm, and reused by every other arm.
 set -euo pipefail
@@ -17,9 +18,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SEEDS=${1:-0}
 STEPS=${2:-300}
 EVERY=$(( STEPS / 6 > 0 ? STEPS / 6 : 1 ))
-OUT=runs/speech-fig1${BRIDGE:+-bridge-$BRIDGE}
+OUT=${OUT:-runs/speech-fig1${BRIDGE:+-bridge-$BRIDGE}}
 # every setting is given, so the arms do not depend on train-speech's default recipe
-COMMON=(smollm2 --manifest data/speech/train.jsonl --test data/speech/probe_test.jsonl --encoder-window 14
+COMMON=(smollm2 --manifest "${MANIFEST:-data/speech/train.jsonl}" --test data/speech/probe_test.jsonl --encoder-window 14
         --adaptor-out-norm --ctc-weight 1 --max-steps "$STEPS" --batch-size 8 --lr 5e-4 --adaptor-lr 1e-3
         --warmup-steps 30 --eval-every "$EVERY" --eval-limit 20 --control news --save-steps 50
         --adaptor-bridge "${BRIDGE:-none}")
