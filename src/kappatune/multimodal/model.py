@@ -17,7 +17,6 @@ def token_vectors(llm: nn.Module, ids: list[int]) -> torch.Tensor:
     return layer(torch.tensor(ids, dtype=torch.long, device=layer.weight.device))
 
 
-@torch.no_grad()
 def _loaded_table(llm: nn.Module) -> torch.Tensor:
     w = llm.get_input_embeddings().weight.detach()
     if w.is_meta or not w.is_floating_point():
@@ -26,6 +25,7 @@ def _loaded_table(llm: nn.Module) -> torch.Tensor:
     return w.float()
 
 
+@torch.no_grad()
 def _scale_on_row(llm: nn.Module, w: torch.Tensor, squares: torch.Tensor) -> float:
     """The embedding module's own factor, measured on the table's largest row (so a module that rescales in
     forward is followed without embedding the whole vocabulary)."""
