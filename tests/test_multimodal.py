@@ -535,6 +535,35 @@ def test_encoder_frames_cache_is_exact_and_reused(tmp_path):
     assert not torch.equal(encode_clips(other, fe, rows, 40, cache_dir=str(tmp_path / "c"))[0], plain[0])
 
 
+def test_an_interrupted_encoding_keeps_its_finished_shards(tmp_path, monkeypatch):
+    from transformers import WhisperFeatureExtractor
+
+    from kappatune.multimodal import speech_train
+    from kappatune.multimodal.speech_train import encode_clips, load_manifest
+
+    monkeypatch.setattr(speech_train, "SHARD_CLIPS", 2)
+    rows = load_manifest(str(_wav_manifest(tmp_path, ["a", "b", "c", "d", "e"])))
+    model, _ = _speech_setup()
+    fe = WhisperFeatureExtractor(feature_size=8)
+    plain = encode_clips(model, fe, rows, 40, batch_size=2)
+    real, calls = model.encoder_frames, []
+
+    def dies_on_the_second_shard(f, lens):
+        calls.append(len(lens))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(f, lens)
+
+    model.encoder_frames = dies_on_the_second_shard
+    with pytest.raises(KeyboardInterrupt):
+        encode_clips(model, fe, rows, 40, batch_size=2, cache_dir=str(tmp_path / "c"))
+    calls.clear()
+    model.encoder_frames = lambda f, lens: calls.append(len(lens)) or real(f, lens)
+    again = encode_clips(model, fe, rows, 40, batch_size=2, cache_dir=str(tmp_path / "c"))
+    assert calls == [2, 1]  # the first shard's two clips were kept; the other three encoded now
+    assert all(torch.equal(a, b) for a, b in zip(again, plain))
+
+
 def test_news_control_text_is_general_and_separate_from_wikipedia():
     pytest.importorskip("gensim")
     from kappatune.data import news_text, wikipedia_text

@@ -94,6 +94,9 @@ def features(paths: list[str], extractor, n_frames: int):
 
 
 # ------------------------------------------------------------------------------------------------ encoder frames
+SHARD_CLIPS = 1000  # clips per cache shard (~0.35 GB of Whisper tiny frames at a 14 s window)
+
+
 def encode_clips(model, extractor, rows: list[dict], n_frames: int, *, batch_size: int = 8,
                  cache_dir: str | None = None) -> list[torch.Tensor]:
     """The frozen encoder's valid output frames for every clip, computed once.
@@ -109,11 +112,15 @@ def encode_clips(model, extractor, rows: list[dict], n_frames: int, *, batch_siz
     digests = [frames_cache.clip_digest(r["audio"]) for r in rows]
     found = frames_cache.load_cached(folder, set(digests))
     missing = {d: r for d, r in zip(digests, rows) if d not in found}  # a clip twice is encoded once
-    new = dict(zip(missing, _encode(model, extractor, list(missing.values()), n_frames, batch_size)))
-    frames_cache.store(folder, new)
-    log.info("encoder frames: %d clips from the cache %s, %d encoded", len(rows) - len(missing), folder,
+    log.info("encoder frames: %d clips from the cache %s, %d to encode", len(rows) - len(missing), folder,
              len(missing))
-    return [found[d] if d in found else new[d] for d in digests]
+    todo = list(missing.items())
+    for i in range(0, len(todo), SHARD_CLIPS):  # stored shard by shard: an interrupted encoding resumes
+        part = dict(todo[i:i + SHARD_CLIPS])
+        new = dict(zip(part, _encode(model, extractor, list(part.values()), n_frames, batch_size)))
+        frames_cache.store(folder, new)
+        found.update(new)
+    return [found[d] for d in digests]
 
 
 def _encode(model, extractor, rows: list[dict], n_frames: int, batch_size: int) -> list[torch.Tensor]:
