@@ -143,6 +143,8 @@ def main() -> None:
         raise SystemExit(f"--unseen-voice {a.unseen_voice} is also a training voice")
     if not 0 < a.test < a.n:
         raise SystemExit(f"--test must be between 1 and --n - 1, got {a.test}")
+    if a.max_seconds is not None and a.max_seconds <= 0:
+        raise SystemExit(f"--max-seconds must be positive, got {a.max_seconds:g}")
     speeds, pitches = [int(x) for x in a.speeds.split(",")], [int(x) for x in a.pitches.split(",")]
     rows = plan(sentences(a.n, a.seed), a.test, voices, a.unseen_voice, speeds, pitches, a.seed, a.renderings)
     wav_dir = os.path.join(a.out, "wav")
@@ -151,7 +153,7 @@ def main() -> None:
             for part in rows.values() for r in part]
     with ThreadPoolExecutor(max_workers=a.workers) as pool:
         list(pool.map(lambda j: speak(*j), jobs))
-    if a.max_seconds:
+    if a.max_seconds is not None:
         rows["train"], dropped = within_seconds(rows["train"], wav_dir, a.max_seconds)
         print(f"{dropped} training clips over {a.max_seconds:g} s left out")
     for name, part in rows.items():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's Figure 1 analogue on the recipe that puts the audio's content into the adaptor (issue 15):
-# a character-CTC stage of the adaptor alone on the 4,000 training clips (14 s encoder window, output norm),
+# a character-CTC stage of the adaptor alone on the training clips (14 s encoder window, output norm),
 # then, from that one shared starting adaptor, STEPS steps through SmolLM2 with 2M LLM parameters chosen by
 # each order (lowest = KappaTune, highest, random, random-same-kind) and the adaptor-only control (budget 0),
 # at one LLM learning rate, per seed. Forgetting is measured on the news stories (the transcripts are
@@ -18,6 +18,10 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SEEDS=${1:-0}
 STEPS=${2:-300}
 EVERY=$(( STEPS / 6 > 0 ? STEPS / 6 : 1 ))
+if [ -n "${MANIFEST:-}" ] && [ -z "${OUT:-}" ]; then
+  # the default folder holds arms (and a stage) trained on the default manifest: never mix two data sets
+  echo "speech_fig1.sh: MANIFEST is set, so set OUT to a folder of its own" >&2; exit 2
+fi
 OUT=${OUT:-runs/speech-fig1${BRIDGE:+-bridge-$BRIDGE}}
 # every setting is given, so the arms do not depend on train-speech's default recipe
 COMMON=(smollm2 --manifest "${MANIFEST:-data/speech/train.jsonl}" --test data/speech/probe_test.jsonl --encoder-window 14

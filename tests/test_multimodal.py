@@ -538,10 +538,10 @@ def test_encoder_frames_cache_is_exact_and_reused(tmp_path):
 def test_an_interrupted_encoding_keeps_its_finished_shards(tmp_path, monkeypatch):
     from transformers import WhisperFeatureExtractor
 
-    from kappatune.multimodal import speech_train
+    from kappatune.multimodal import frames_cache
     from kappatune.multimodal.speech_train import encode_clips, load_manifest
 
-    monkeypatch.setattr(speech_train, "SHARD_CLIPS", 2)
+    monkeypatch.setattr(frames_cache, "SHARD_CLIPS", 2)
     rows = load_manifest(str(_wav_manifest(tmp_path, ["a", "b", "c", "d", "e"])))
     model, _ = _speech_setup()
     fe = WhisperFeatureExtractor(feature_size=8)
@@ -562,6 +562,24 @@ def test_an_interrupted_encoding_keeps_its_finished_shards(tmp_path, monkeypatch
     again = encode_clips(model, fe, rows, 40, batch_size=2, cache_dir=str(tmp_path / "c"))
     assert calls == [2, 1]  # the first shard's two clips were kept; the other three encoded now
     assert all(torch.equal(a, b) for a, b in zip(again, plain))
+
+
+def test_a_cache_shard_is_never_left_half_written(tmp_path, monkeypatch):
+    import os
+
+    import safetensors.torch
+
+    from kappatune.multimodal import frames_cache
+
+    def dies_while_writing(tensors, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        frames_cache.store(str(tmp_path / "f"), {"a": torch.zeros(2)})
+    assert os.listdir(tmp_path / "f") == []
 
 
 def test_news_control_text_is_general_and_separate_from_wikipedia():

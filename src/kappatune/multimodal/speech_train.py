@@ -94,9 +94,6 @@ def features(paths: list[str], extractor, n_frames: int):
 
 
 # ------------------------------------------------------------------------------------------------ encoder frames
-SHARD_CLIPS = 1000  # clips per cache shard (~0.35 GB of Whisper tiny frames at a 14 s window)
-
-
 def encode_clips(model, extractor, rows: list[dict], n_frames: int, *, batch_size: int = 8,
                  cache_dir: str | None = None) -> list[torch.Tensor]:
     """The frozen encoder's valid output frames for every clip, computed once.
@@ -112,11 +109,11 @@ def encode_clips(model, extractor, rows: list[dict], n_frames: int, *, batch_siz
     digests = [frames_cache.clip_digest(r["audio"]) for r in rows]
     found = frames_cache.load_cached(folder, set(digests))
     missing = {d: r for d, r in zip(digests, rows) if d not in found}  # a clip twice is encoded once
-    log.info("encoder frames: %d clips from the cache %s, %d to encode", len(rows) - len(missing), folder,
+    log.info("encoder frames: %d distinct clips from the cache %s, %d to encode", len(found), folder,
              len(missing))
-    todo = list(missing.items())
-    for i in range(0, len(todo), SHARD_CLIPS):  # stored shard by shard: an interrupted encoding resumes
-        part = dict(todo[i:i + SHARD_CLIPS])
+    todo, size = list(missing.items()), frames_cache.SHARD_CLIPS
+    for i in range(0, len(todo), size):  # stored shard by shard: an interrupted encoding resumes
+        part = dict(todo[i:i + size])
         new = dict(zip(part, _encode(model, extractor, list(part.values()), n_frames, batch_size)))
         frames_cache.store(folder, new)
         found.update(new)
