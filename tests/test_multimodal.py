@@ -659,6 +659,30 @@ def test_audio_use_compares_right_and_wrong_audio_per_token():
     assert audio_use(model, tok, frames[:1], refs[:1]) == {}
 
 
+def test_audio_use_per_clip_weights_back_to_the_batched_figure():
+    """audio_use_per_clip: each clip's right- and wrong-audio loss; weighted by the clips' token counts they
+    give back audio_use's token-weighted losses, and a clip's loss is its own forward pass alone."""
+    from kappatune.multimodal.speech_train import audio_use, audio_use_per_clip
+
+    llm, tok = make_lm("llama")
+    model = SpeechLLM(_tiny_encoder(), llm, subsample=4, heads=4, layers=2)
+    torch.manual_seed(2)
+    frames = [torch.randn(n, 16) for n in (8, 12, 6, 10)]
+    refs = ["hi there", "ok", "good day to you", "a b c"]
+    per = audio_use_per_clip(model, tok, frames, refs)
+    batched = audio_use(model, tok, frames, refs, batch_size=3)
+    n = per["tokens"]
+    assert n == [len(tok(r, add_special_tokens=False)["input_ids"]) + 1 for r in refs]
+    for key, figure in (("right", "loss_right_audio"), ("wrong", "loss_wrong_audio")):
+        weighted = sum(v * k for v, k in zip(per[key], n)) / sum(n)
+        assert weighted == pytest.approx(batched[figure], rel=1e-5)
+    ids = tok(refs[1], add_special_tokens=False)["input_ids"]
+    alone = float(model.forward_frames([frames[2]], [ids], tok.bos_token_id, tok.eos_token_id).loss)
+    assert per["wrong"][1] == pytest.approx(alone, rel=1e-6)  # clip 1's text with clip 2's audio
+    assert per["right"][1] != pytest.approx(per["wrong"][1], rel=1e-6)
+    assert audio_use_per_clip(model, tok, frames[:1], refs[:1]) == {"right": [], "wrong": [], "tokens": []}
+
+
 def test_wikipedia_text_is_parsed_once_then_read_from_the_cache(monkeypatch, tmp_path):
     pytest.importorskip("gensim")
     from kappatune import data

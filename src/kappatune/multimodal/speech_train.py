@@ -196,6 +196,27 @@ def audio_use(model, tok, frames: list[torch.Tensor], refs: list[str], batch_siz
     return {"loss_right_audio": right, "loss_wrong_audio": wrong_loss, "audio_gap": wrong_loss - right}
 
 
+@torch.no_grad()
+def audio_use_per_clip(model, tok, frames: list[torch.Tensor], refs: list[str]) -> dict:
+    """``audio_use`` clip by clip: each clip's loss per text token with its own audio and with the next clip's,
+    and its token count. Paired over the same clips, two runs' gaps then get an interval over clips
+    (scripts/speech_paired.py); one clip per forward pass, so no padding enters a clip's loss."""
+    if len(frames) < 2:
+        return {"right": [], "wrong": [], "tokens": []}
+    was_training = model.training
+    model.eval()
+    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in refs]
+    wrong = frames[1:] + frames[:1]
+    out = {"right": [], "wrong": [], "tokens": [len(x) + 1 for x in ids]}  # + EOS, as in audio_use
+    try:
+        for x, own, other in zip(ids, frames, wrong):
+            for key, audio in (("right", own), ("wrong", other)):
+                out[key].append(float(model.forward_frames([audio], [x], tok.bos_token_id, tok.eos_token_id).loss))
+    finally:
+        model.train(was_training)
+    return out
+
+
 def evaluate_speech(model, tok, rows, extractor, n_frames: int, max_new_tokens: int = 48, batch_size: int = 8):
     """WER/CER of greedy transcripts of ``rows`` (audio through the frozen encoder)."""
     frames = encode_clips(model, extractor, rows, n_frames, batch_size=batch_size)
