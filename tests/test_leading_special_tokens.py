@@ -25,6 +25,14 @@ def test_control_chunks_start_with_bos_and_keep_their_length():
     assert control_chunks(char_tokenizer(), TEXT, 64, 8) == [plain[i * 64:(i + 1) * 64] for i in range(8)]
 
 
+@pytest.mark.parametrize("max_chunks", [0, -3])
+def test_control_chunks_refuses_fewer_than_one_chunk(max_chunks):
+    from kappatune.errors import KappaTuneError
+
+    with pytest.raises(KappaTuneError, match="max_chunks must be at least 1"):  # 0 once looped forever
+        control_chunks(char_tokenizer(), TEXT, 64, max_chunks)
+
+
 def test_examples_keep_bos_through_left_truncation_and_take_no_loss_on_it():
     tok, plain_tok = char_tokenizer(bos=True), char_tokenizer()
     tpl = PromptTemplate("T: {text}\nS: {label}")

@@ -677,7 +677,9 @@ def test_audio_use_per_clip_weights_back_to_the_batched_figure():
         weighted = sum(v * k for v, k in zip(per[key], n)) / sum(n)
         assert weighted == pytest.approx(batched[figure], rel=1e-5)
     ids = tok(refs[1], add_special_tokens=False)["input_ids"]
-    alone = float(model.forward_frames([frames[2]], [ids], tok.bos_token_id, tok.eos_token_id).loss)
+    model.eval()
+    with torch.no_grad():
+        alone = float(model.forward_frames([frames[2]], [ids], tok.bos_token_id, tok.eos_token_id).loss)
     assert per["wrong"][1] == pytest.approx(alone, rel=1e-6)  # clip 1's text with clip 2's audio
     assert per["right"][1] != pytest.approx(per["wrong"][1], rel=1e-6)
     assert audio_use_per_clip(model, tok, frames[:1], refs[:1]) == {"right": [], "wrong": [], "tokens": []}

@@ -20,6 +20,7 @@ def test_mean_interval_by_hand():
     assert iv.low == pytest.approx(3 - half, abs=1e-4) and iv.high == pytest.approx(3 + half, abs=1e-4)
     one = mean_interval([7.0])
     assert one.mean == 7.0 and math.isnan(one.low) and verdict(one) == "not enough paired seeds"
+    assert verdict(one, "clips") == "not enough paired clips"  # what the interval pairs over is named
 
 
 def test_pairing_removes_shared_seed_noise():

@@ -116,6 +116,8 @@ def _last_logprobs(model, seqs: list[list[int]], pad_id: int, batch_size: int) -
 def control_chunks(tokenizer, text: str, chunk_len: int = 256, max_chunks: int | None = 16) -> list[list[int]]:
     if chunk_len < 2:
         raise KappaTuneError("chunk_len must be at least 2")
+    if max_chunks is not None and max_chunks < 1:
+        raise KappaTuneError(f"max_chunks must be at least 1 (got {max_chunks})")
     prefix = leading_special_ids(tokenizer)  # each chunk starts as the model saw text in training (e.g. BOS)
     body = chunk_len - len(prefix)
     if body < 2:

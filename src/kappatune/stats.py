@@ -55,9 +55,10 @@ def paired_contrast(a: dict[int, float], b: dict[int, float], level: float = 0.9
     return mean_interval([a[s] - b[s] for s in seeds], level)
 
 
-def verdict(iv: Interval) -> str:
+def verdict(iv: Interval, unit: str = "seeds") -> str:
+    """``unit`` names what the interval pairs over (seeds in the lab; test clips or text chunks elsewhere)."""
     if iv.n < 2 or math.isnan(iv.low):
-        return "not enough paired seeds"
+        return f"not enough paired {unit}"
     if iv.low > 0 or iv.high < 0:
         return "separated"
     return "not separated at this power"
