@@ -10,6 +10,8 @@
 #   BRIDGE=chars bash scripts/speech_fig1.sh ...     # every arm reads the CTC head's characters (--adaptor-bridge)
 #   STAGE=runs/speech-b2/stage bash scripts/speech_fig1.sh ...   # reuse a finished stage (fingerprint-checked)
 #   MANIFEST=data/speech-r3/train.jsonl OUT=runs/speech-fig1-r3 bash scripts/speech_fig1.sh ...   # other data
+#   ARMS="highest random-same-kind" STAGE=... bash scripts/speech_fig1.sh ...   # some arms, in this order
+#     (without STAGE the seed-0 adaptor-only arm trains the stage, so it runs first whatever ARMS says)
 # Resumable: a finished arm (speech_train.json present) is skipped, an interrupted one resumes from its
 # checkpoint. The stage is trained once, inside the seed-0 adaptor-only arm, and reused by every other arm.
 set -euo pipefail
@@ -28,6 +30,11 @@ COMMON=(smollm2 --manifest "${MANIFEST:-data/speech/train.jsonl}" --test data/sp
         --adaptor-out-norm --ctc-weight 1 --max-steps "$STEPS" --batch-size 8 --lr 5e-4 --adaptor-lr 1e-3
         --warmup-steps 30 --eval-every "$EVERY" --eval-limit 20 --control news --save-steps 50
         --adaptor-bridge "${BRIDGE:-none}")
+ARMS=${ARMS:-adaptor-only lowest highest random random-same-kind}
+for name in $ARMS; do
+  case $name in adaptor-only|lowest|highest|random|random-same-kind) ;;
+    *) echo "speech_fig1.sh: unknown arm '$name' in ARMS" >&2; exit 2 ;; esac
+done
 mkdir -p "$OUT"
 if [ -n "${STAGE:-}" ]; then FIRST=(--ctc-stage-from "$STAGE"); else STAGE=$OUT/adaptor-only-seed0; FIRST=(--ctc-steps 3000); fi
 arm() {  # arm NAME SEED ARGS...: one train-speech run, skipped when finished
@@ -36,10 +43,13 @@ arm() {  # arm NAME SEED ARGS...: one train-speech run, skipped when finished
   [ -f "$dir/speech_train.json" ] && return 0
   .venv/bin/kappatune train-speech "${COMMON[@]}" "$@" -o "$dir" > "$dir.json" 2> "$dir.log"
 }
-arm adaptor-only 0 --budget-params 0 "${FIRST[@]}" --seed 0
+[ "${FIRST[0]}" = --ctc-steps ] && arm adaptor-only 0 --budget-params 0 "${FIRST[@]}" --seed 0
 for seed in $SEEDS; do
-  [ "$seed" = 0 ] || arm adaptor-only "$seed" --budget-params 0 --ctc-stage-from "$STAGE" --seed "$seed"
-  for order in lowest highest random random-same-kind; do
-    arm "$order" "$seed" --order "$order" --budget-params 2M --ctc-stage-from "$STAGE" --seed "$seed"
+  for name in $ARMS; do
+    if [ "$name" = adaptor-only ]; then
+      arm adaptor-only "$seed" --budget-params 0 --ctc-stage-from "$STAGE" --seed "$seed"
+    else
+      arm "$name" "$seed" --order "$name" --budget-params 2M --ctc-stage-from "$STAGE" --seed "$seed"
+    fi
   done
 done

@@ -1,12 +1,18 @@
 """WER, audio gap and forgetting over training steps for train-speech runs (the paper's Figure 1 analogue).
 
-    python scripts/speech_figure.py runs/speech-fig1/*-seed* -o docs/img/speech_fig1.png [--examples]
+    python scripts/speech_figure.py runs/speech-fig1/*-seed* -o docs/img/speech_fig1.png [--examples] [--at-step N]
 
 Prints a markdown table, one row per run (final WER/CER and audio gap on the whole test set, the CTC head's
 reading, the LLM's control-perplexity increase, train loss), then one row per arm averaged over its seeds
 (runs named ARM-seedN), and with --examples three transcripts per run. Writes a three-panel PNG against
 steps: WER and audio gap on the evaluation clips, and the control-perplexity increase. A run folder with a
 news_forgetting.json (the older scripts/speech_ablation.sh) also gets that figure in its row.
+
+A run stopped before its end (no speech_train.json) is read from its last checkpoint's trainer_state.json
+(or a trainer_state.json copied into the run folder): its row is its last evaluation, on the evaluation
+clips only, and is marked "stopped at step N". ``--at-step N`` compares every run at one step instead (its
+evaluation at step N, and the mean logged training loss up to N): the fair row when runs stopped at
+different steps.
 """
 
 from __future__ import annotations
@@ -18,9 +24,49 @@ import re
 from collections import defaultdict
 
 
+def _read(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _trainer_state(run: str) -> str | None:
+    """The run's own trainer_state.json, else that of its latest checkpoint (checkpoints/checkpoint-N)."""
+    own = os.path.join(run, "trainer_state.json")
+    if os.path.exists(own):
+        return own
+    ckpts = os.path.join(run, "checkpoints")
+    steps = sorted((int(m.group(1)), d) for d in (os.listdir(ckpts) if os.path.isdir(ckpts) else [])
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", d)))
+    for _, d in reversed(steps):
+        path = os.path.join(ckpts, d, "trainer_state.json")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _load_stopped(run: str) -> dict:
+    """A run interrupted before its end, from its trainer state: the evaluations it logged, the last as final."""
+    state_path = _trainer_state(run)
+    if state_path is None:
+        raise SystemExit(f"{run}: neither speech_train.json nor a checkpoint's trainer_state.json")
+    state = _read(state_path)
+    evals = [h for h in state["log_history"] if "wer" in h or "dppl" in h]
+    step0 = os.path.join(run, "speech_eval_step0.json")
+    history = ([dict(_read(step0), step=0)] if os.path.exists(step0) else []) + evals
+    if not history:
+        raise SystemExit(f"{run}: stopped before its first evaluation ({state_path})")
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in state["log_history"] if "loss" in h]
+    sel = os.path.join(run, "selection.json")
+    units = _read(sel)["units"] if os.path.exists(sel) else []
+    return {"final": history[-1], "history": [{k: v for k, v in h.items() if k != "examples"} for h in history],
+            "losses": losses, "train_loss": sum(x["loss"] for x in losses) / len(losses) if losses else None,
+            "trainable": {"llm": sum(u["numel"] for u in units), "llm_tensors": len(units)},
+            "stopped_at": state["global_step"]}
+
+
 def _load(run: str) -> dict:
-    with open(os.path.join(run, "speech_train.json"), encoding="utf-8") as f:
-        r = json.load(f)
+    path = os.path.join(run, "speech_train.json")
+    r = _read(path) if os.path.exists(path) else _load_stopped(run)
     r["name"] = os.path.basename(os.path.normpath(run))
     news = os.path.join(run, "news_forgetting.json")
     if os.path.exists(news):
@@ -29,34 +75,55 @@ def _load(run: str) -> dict:
     return r
 
 
+def _arm(name: str) -> str:
+    """The arm of a run named ARM-seedN (the name itself otherwise)."""
+    return re.sub(r"-seed\d+$", "", name)
+
+
 def _fmt(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _row(r: dict) -> list:
-    fin = r["final"]
+def _at_step(r: dict, step: int) -> tuple[dict, float | None]:
+    """The run's evaluation at ``step`` and its mean logged training loss up to it."""
+    found = [h for h in r["history"] if h.get("step") == step]
+    if not found:
+        raise SystemExit(f"{r['name']}: no evaluation at step {step} (it has {[h.get('step') for h in r['history']]})")
+    losses = [x["loss"] for x in r.get("losses", []) if x["step"] <= step]
+    return found[-1], (sum(losses) / len(losses) if losses else None)
+
+
+def _row(r: dict, step: int | None = None) -> list:
+    fin, loss = (r["final"], r["train_loss"]) if step is None else _at_step(r, step)
     return [fin["wer"], fin["cer"], fin.get("audio_gap"), fin.get("ctc_cer"), fin.get("dppl", r.get("news_dppl")),
-            r["train_loss"]]
+            loss]
 
 
-def _tables(runs: list[dict], control: str) -> None:
-    cols = ["final WER", "final CER", "audio gap (nats)", "CTC CER", f"{control} dPPL", "train loss"]
+def _label(r: dict, step: int | None) -> str:
+    if step is None and r.get("stopped_at") is not None:
+        return f"{r['name']} (stopped at step {r['stopped_at']}; last evaluation)"
+    return r["name"]
+
+
+def _tables(runs: list[dict], control: str, step: int | None = None) -> None:
+    when = "final" if step is None else f"step {step}"
+    cols = [f"{when} WER", f"{when} CER", "audio gap (nats)", "CTC CER", f"{control} dPPL", "train loss"]
     specs = [".3f", ".3f", "+.3f", ".3f", "+.2f", ".3f"]
     print("| run | trainable LLM params | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for r in runs:
-        vals = " | ".join(_fmt(v, s) for v, s in zip(_row(r), specs))
-        print(f"| {r['name']} | {r['trainable']['llm']:,} ({r['trainable']['llm_tensors']} tensors) | {vals} |")
+        vals = " | ".join(_fmt(v, s) for v, s in zip(_row(r, step), specs))
+        print(f"| {_label(r, step)} | {r['trainable']['llm']:,} ({r['trainable']['llm_tensors']} tensors) | {vals} |")
     arms = defaultdict(list)
     for r in runs:
-        arms[re.sub(r"-seed\d+$", "", r["name"])].append(r)
+        arms[_arm(r["name"])].append(r)
     if all(len(v) == 1 for v in arms.values()):
         return
     print("\nMean over seeds (per-seed values in the table above):\n")
     print("| arm | seeds | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for arm, rs in arms.items():
-        rows = [_row(r) for r in rs]
+        rows = [_row(r, step) for r in rs]
         means = [None if any(v[i] is None for v in rows) else sum(v[i] for v in rows) / len(rows)
                  for i in range(len(cols))]
         print(f"| {arm} | {len(rs)} | " + " | ".join(_fmt(m, s) for m, s in zip(means, specs)) + " |")
@@ -79,10 +146,15 @@ def _plot(runs: list[dict], control: str, output: str) -> None:
               ("audio_gap", "wrong-audio minus right-audio loss (nats)", "does it listen?"),
               ("dppl", f"{control} perplexity increase", "LLM forgetting")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    arms = list(dict.fromkeys(_arm(r["name"]) for r in runs))  # one colour per arm, one line style per seed
     for r in runs:
+        colour = plt.get_cmap("tab10")(arms.index(_arm(r["name"])) % 10)
+        seed = re.search(r"-seed(\d+)$", r["name"])
+        style = ["-", "--", ":", "-."][int(seed.group(1)) % 4] if seed else "-"
         for ax, (key, _, _) in zip(axes, panels):
             h = [x for x in r["history"] if x.get(key) is not None]
-            ax.plot([x["step"] for x in h], [x[key] for x in h], marker="o", markersize=3, label=r["name"])
+            ax.plot([x["step"] for x in h], [x[key] for x in h], marker="o", markersize=3, label=r["name"],
+                    color=colour, linestyle=style)
     for ax, (_, ylabel, title) in zip(axes, panels):
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
@@ -99,9 +171,11 @@ def main() -> None:
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--control", default="news", help="name of the control text in the table (the runs' --control)")
     ap.add_argument("--examples", action="store_true", help="also print three transcripts per run")
+    ap.add_argument("--at-step", type=int, default=None,
+                    help="compare the runs at this step's evaluation (for runs stopped at different steps)")
     a = ap.parse_args()
     runs = [_load(r) for r in a.runs]
-    _tables(runs, a.control)
+    _tables(runs, a.control, a.at_step)
     if a.examples:
         _examples(runs)
     _plot(runs, a.control, a.output)
