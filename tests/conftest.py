@@ -63,6 +63,19 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KAPPATUNE_TEXT_CACHE", str(tmp_path / "kt-text-cache"))
 
 
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as a module (the scripts folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def np_kappa(mat) -> float:
     s = np.linalg.svd(np.asarray(mat, dtype=np.float64), compute_uv=False)
     return float(s[0] / s[-1])

@@ -1,17 +1,13 @@
 """scripts/collect_lab.py: finished lab runs go to the committed folder and come back on a fresh clone."""
 
-import importlib.util
 import json
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_script
 
 
 def _collect_lab():
-    spec = importlib.util.spec_from_file_location("collect_lab", os.path.join(ROOT, "scripts", "collect_lab.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("collect_lab")
 
 
 def _run(root, name, result=None, monitor=None):

@@ -1,19 +1,16 @@
 """scripts/speech_figure.py: finished and stopped runs in one table, and the comparison at one step."""
 
-import importlib.util
 import json
 import os
 
 import pytest
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _figure():
-    spec = importlib.util.spec_from_file_location("speech_figure", os.path.join(ROOT, "scripts", "speech_figure.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("speech_figure")
 
 
 def _write(path, obj):

@@ -1,19 +1,16 @@
 """scripts/speech_paired.py: paired intervals between speech runs over test clips and control chunks."""
 
-import importlib.util
 import math
 import os
 
 import pytest
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _paired():
-    spec = importlib.util.spec_from_file_location("speech_paired", os.path.join(ROOT, "scripts", "speech_paired.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("speech_paired")
 
 
 def _run(gaps, nll):
