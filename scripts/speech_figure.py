@@ -49,16 +49,17 @@ def _load_stopped(run: str) -> dict:
     state_path = _trainer_state(run)
     if state_path is None:
         raise SystemExit(f"{run}: neither speech_train.json nor a checkpoint's trainer_state.json")
+    from kappatune.multimodal.speech_train import eval_history  # what train-speech itself records at its end
+
     state = _read(state_path)
-    evals = [h for h in state["log_history"] if "wer" in h or "dppl" in h]
-    step0 = os.path.join(run, "speech_eval_step0.json")
-    history = ([dict(_read(step0), step=0)] if os.path.exists(step0) else []) + evals
+    history, losses = eval_history(os.path.join(run, "speech_eval_step0.json"), state["log_history"])
     if not history:
         raise SystemExit(f"{run}: stopped before its first evaluation ({state_path})")
-    losses = [{"step": h["step"], "loss": h["loss"]} for h in state["log_history"] if "loss" in h]
+    evals = [h for h in state["log_history"] if "wer" in h or "dppl" in h]
+    final = evals[-1] if evals else history[0]  # the last evaluation with its transcripts
     sel = os.path.join(run, "selection.json")
     units = _read(sel)["units"] if os.path.exists(sel) else []
-    return {"final": history[-1], "history": [{k: v for k, v in h.items() if k != "examples"} for h in history],
+    return {"final": final, "history": [{k: v for k, v in h.items() if k != "examples"} for h in history],
             "losses": losses, "train_loss": sum(x["loss"] for x in losses) / len(losses) if losses else None,
             "trainable": {"llm": sum(u["numel"] for u in units), "llm_tensors": len(units)},
             "stopped_at": state["global_step"]}

@@ -476,12 +476,12 @@ def _speech_args(cfg: SpeechTrainConfig, ckpt_dir: str):
         ddp_backend=None if use_cuda or world_size() == 1 else "gloo")
 
 
-def _history(start_path: str, log_history: list[dict]) -> tuple[list[dict], list[dict]]:
+def eval_history(start_path: str, log_history: list[dict]) -> tuple[list[dict], list[dict]]:
     """(evaluations over steps, starting with step 0; training losses over steps)."""
     history = []
     if os.path.exists(start_path):
         with open(start_path, encoding="utf-8") as f:
-            history.append(json.load(f))
+            history.append({"step": 0, **json.load(f)})  # the step-0 record is step 0 whatever it holds
     history += [{k: v for k, v in h.items() if k != "examples"} for h in log_history if "wer" in h or "dppl" in h]
     losses = [{"step": h["step"], "loss": h["loss"]} for h in log_history if "loss" in h]
     return history, losses
@@ -587,7 +587,7 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
     if stray:
         raise KappaTuneError(f"tensor {stray[0]} changed but was not trainable")
     final = measure(model, tok, data.test_frames, data.test_refs, data.control, data.base_ppl, cfg)
-    history, losses = _history(start_path, trainer.state.log_history)
+    history, losses = eval_history(start_path, trainer.state.log_history)
     if not args.should_save:
         return {}
     save_folder(os.path.join(out_dir, "model"), lambda tmp: save_speech_model(model, tok, tmp, meta, keep_aux=False))
