@@ -12,7 +12,10 @@ A run stopped before its end (no speech_train.json) is read from its last checkp
 (or a trainer_state.json copied into the run folder): its row is its last evaluation, on the evaluation
 clips only, and is marked "stopped at step N". ``--at-step N`` compares every run at one step instead (its
 evaluation at step N, and the mean logged training loss up to N): the fair row when runs stopped at
-different steps.
+different steps. ``--tradeoff PNG`` (with --at-step) also plots each run's audio gap against its forgetting
+at that step, one colour per selection: for a learning-rate sweep whose runs are named
+ARM-lrX (or ARM-alrX for the adaptor's rate), each arm's rates become one line, so arms are compared at
+equal forgetting rather than at one shared rate.
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ def _load(run: str) -> dict:
 def _arm(name: str) -> str:
     """The arm of a run named ARM-seedN (the name itself otherwise)."""
     return re.sub(r"-seed\d+$", "", name)
+
+
+def _family(name: str) -> str:
+    """The selection of a run named ARM[-lrX|-alrX][-seedN], without its learning rate and seed."""
+    return re.sub(r"-a?lr[0-9.e+-]+$", "", _arm(name))
 
 
 def _fmt(x, spec: str) -> str:
@@ -166,6 +174,40 @@ def _plot(runs: list[dict], control: str, output: str) -> None:
     fig.savefig(output, dpi=110)
 
 
+def _tradeoff_points(runs: list[dict], step: int, control: str) -> dict[str, list[tuple[float, float, str]]]:
+    """Per selection, its runs' (forgetting, audio gap, rate label) at ``step``, in order of forgetting."""
+    families = defaultdict(list)
+    for r in runs:
+        h, _ = _at_step(r, step)
+        if h.get("dppl") is None or h.get("audio_gap") is None:
+            raise SystemExit(f"{r['name']}: no audio gap or {control} perplexity at step {step}")
+        family = _family(r["name"])
+        families[family].append((h["dppl"], h["audio_gap"], r["name"][len(family) + 1:]))
+    return {family: sorted(points) for family, points in families.items()}
+
+
+def _plot_tradeoff(runs: list[dict], control: str, step: int, output: str) -> None:
+    """Audio gap against forgetting at one step, one point per run, a line through each selection's rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for i, (family, points) in enumerate(_tradeoff_points(runs, step, control).items()):
+        colour = plt.get_cmap("tab10")(i % 10)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour, label=family)
+        for x, y, rate in points:
+            ax.annotate(rate, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"{control} perplexity increase at step {step}")
+    ax.set_ylabel(f"audio gap at step {step} (nats)")
+    ax.set_title("listening bought per unit of forgetting")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
@@ -174,12 +216,18 @@ def main() -> None:
     ap.add_argument("--examples", action="store_true", help="also print three transcripts per run")
     ap.add_argument("--at-step", type=int, default=None,
                     help="compare the runs at this step's evaluation (for runs stopped at different steps)")
+    ap.add_argument("--tradeoff", default=None, metavar="PNG",
+                    help="also plot audio gap against forgetting at --at-step, a line per selection across its rates")
     a = ap.parse_args()
+    if a.tradeoff and a.at_step is None:
+        raise SystemExit("speech_figure.py: --tradeoff needs --at-step (the step at which the runs are compared)")
     runs = [_load(r) for r in a.runs]
     _tables(runs, a.control, a.at_step)
     if a.examples:
         _examples(runs)
     _plot(runs, a.control, a.output)
+    if a.tradeoff:
+        _plot_tradeoff(runs, a.control, a.at_step, a.tradeoff)
 
 
 if __name__ == "__main__":

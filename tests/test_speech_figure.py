@@ -72,6 +72,34 @@ def test_at_step_compares_every_run_at_the_same_evaluation(tmp_path, capsys):
         mod._tables(runs, "news", 300)
 
 
+def test_a_run_name_gives_its_selection_without_rate_or_seed():
+    mod = _figure()
+    assert mod._family("lowest-lr1.5e-3") == "lowest"
+    assert mod._family("adaptor-only-alr3e-3") == "adaptor-only"
+    assert mod._family("random-same-kind-lr2e-4-seed1") == "random-same-kind"
+    assert mod._family("random-same-kind-seed0") == "random-same-kind"
+    assert mod._arm("lowest-lr2e-4-seed1") == "lowest-lr2e-4"  # seeds average within one rate, never across rates
+
+
+def test_tradeoff_groups_a_sweep_by_selection_in_order_of_forgetting(tmp_path, monkeypatch):
+    mod = _figure()
+    root = str(tmp_path)
+    runs = [mod._load(_stopped_run(root, "lowest-lr1e-3")), mod._load(_finished_run(root, "lowest-lr2e-4")),
+            mod._load(_finished_run(root, "highest-lr5e-4"))]
+    points = mod._tradeoff_points(runs, 200, "news")
+    assert points == {"lowest": [(0.6, 0.03, "lr2e-4"), (2.0, 0.10, "lr1e-3")], "highest": [(0.6, 0.03, "lr5e-4")]}
+    png = tmp_path / "tradeoff.png"
+    monkeypatch.setattr("sys.argv", ["speech_figure.py", *(os.path.join(root, n) for n in
+                                     ("lowest-lr1e-3", "lowest-lr2e-4")), "-o", str(tmp_path / "curves.png"),
+                                     "--at-step", "200", "--tradeoff", str(png)])
+    mod.main()
+    assert png.stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
+    monkeypatch.setattr("sys.argv", ["speech_figure.py", os.path.join(root, "lowest-lr1e-3"), "-o", "x.png",
+                                     "--tradeoff", str(png)])
+    with pytest.raises(SystemExit, match="--tradeoff needs --at-step"):
+        mod.main()
+
+
 def test_a_folder_without_results_is_refused(tmp_path):
     mod = _figure()
     os.makedirs(tmp_path / "empty")
