@@ -145,12 +145,18 @@ def _examples(runs: list[dict]) -> None:
             print(f"- ref: {ex['ref']!r}\n  hyp: {ex['hyp']!r}")
 
 
-def _plot(runs: list[dict], control: str, output: str) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (imported here: the tables need no matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot(runs: list[dict], control: str, output: str) -> None:
+    plt = _pyplot()
     panels = [("wer", "WER (evaluation clips)", "speech recognition"),
               ("audio_gap", "wrong-audio minus right-audio loss (nats)", "does it listen?"),
               ("dppl", f"{control} perplexity increase", "LLM forgetting")]
@@ -188,11 +194,7 @@ def _tradeoff_points(runs: list[dict], step: int, control: str) -> dict[str, lis
 
 def _plot_tradeoff(runs: list[dict], control: str, step: int, output: str) -> None:
     """Audio gap against forgetting at one step, one point per run, a line through each selection's rates."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for i, (family, points) in enumerate(_tradeoff_points(runs, step, control).items()):
         colour = plt.get_cmap("tab10")(i % 10)
