@@ -11,9 +11,9 @@
 #   STAGE=runs/speech-b2/stage bash scripts/speech_fig1.sh ...   # reuse a finished stage (fingerprint-checked)
 #   MANIFEST=data/speech-r3/train.jsonl OUT=runs/speech-fig1-r3 bash scripts/speech_fig1.sh ...   # other data
 #   ARMS="highest random-same-kind" STAGE=... bash scripts/speech_fig1.sh ...   # some arms, in this order
-#     (without STAGE the seed-0 adaptor-only arm trains the stage, so it runs first whatever ARMS says)
+#     (without STAGE the stage is trained first, once, into OUT/stage with --ctc-stage-only)
 # Resumable: a finished arm (speech_train.json present) is skipped, an interrupted one resumes from its
-# checkpoint. The stage is trained once, inside the seed-0 adaptor-only arm, and reused by every other arm.
+# checkpoint. The stage is trained once (no LLM step or evaluation) and every arm starts from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -36,14 +36,17 @@ for name in $ARMS; do
     *) echo "speech_fig1.sh: unknown arm '$name' in ARMS" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
-if [ -n "${STAGE:-}" ]; then FIRST=(--ctc-stage-from "$STAGE"); else STAGE=$OUT/adaptor-only-seed0; FIRST=(--ctc-steps 3000); fi
 arm() {  # arm NAME SEED ARGS...: one train-speech run, skipped when finished
   local dir=$OUT/$1-seed$2
   shift 2
   [ -f "$dir/speech_train.json" ] && return 0
   .venv/bin/kappatune train-speech "${COMMON[@]}" "$@" -o "$dir" > "$dir.json" 2> "$dir.log"
 }
-[ "${FIRST[0]}" = --ctc-steps ] && arm adaptor-only 0 --budget-params 0 "${FIRST[@]}" --seed 0
+if [ -z "${STAGE:-}" ]; then
+  STAGE=$OUT/stage
+  [ -f "$STAGE/ctc_stage.json" ] || .venv/bin/kappatune train-speech "${COMMON[@]}" --ctc-steps 3000 --ctc-stage-only \
+    --seed 0 -o "$STAGE" > "$STAGE.json" 2> "$STAGE.log"
+fi
 for seed in $SEEDS; do
   for name in $ARMS; do
     if [ "$name" = adaptor-only ]; then

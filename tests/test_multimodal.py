@@ -397,6 +397,43 @@ def test_ctc_stage_learns_the_letters_and_runs_once_per_output(tmp_path):
                      batch_size=2, seed=0)
 
 
+def test_ctc_stage_only_saves_a_stage_other_runs_start_from(tmp_path, lm_folder):
+    """--ctc-stage-only trains and saves the stage, then stops before the LLM (no model/, no LLM evaluation);
+    an arm started from it reads the held-out clips exactly as the stage's last reading did."""
+    import json
+
+    from transformers import WhisperModel
+
+    from conftest import one_line_error, run
+
+    enc_dir = tmp_path / "whisper"
+    WhisperModel(_tiny_encoder().config).save_pretrained(enc_dir)
+    train = _wav_manifest(tmp_path, ["go left", "go right", "stop now", "go left"], "train.jsonl")
+    test = _wav_manifest(tmp_path, ["go left", "stop"], "test.jsonl")
+    common = ["train-speech", str(lm_folder), "--manifest", str(train), "--test", str(test), "--encoder",
+              str(enc_dir), "--batch-size", "2", "--adaptor-heads", "4"]
+    stage = tmp_path / "stage"
+    r = run(*common, "--ctc-stage-only", "--ctc-steps", "4", "-o", str(stage))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["stage_only"] and res["steps"] == 0 and res["ctc_stage"]["steps"] == 4
+    assert res["meta"]["order"] == "none" and res["frozen_verified"]
+    assert 0 < res["changed_tensors"]  # the adaptor and its head moved, nothing else (checked by the run)
+    assert (stage / "ctc_stage.json").exists() and (stage / "ctc_stage.safetensors").exists()
+    assert not (stage / "model").exists() and not (stage / "speech_eval_step0.json").exists()
+    last = res["ctc_stage"]["history"][-1]
+    r = run(*common, "--ctc-stage-from", str(stage), "--budget-params", "0", "--max-steps", "1", "--control",
+            "none", "-o", str(tmp_path / "arm"))
+    assert r.returncode == 0, r.stderr
+    step0 = json.loads((tmp_path / "arm" / "speech_eval_step0.json").read_text())
+    assert step0["ctc_cer"] == pytest.approx(last["heldout_ctc_cer"])
+    one_line_error(run(*common, "--ctc-stage-only", "--ctc-stage-from", str(stage), "-o", str(tmp_path / "o5")),
+                   "ctc_stage_only trains a CTC stage")
+    one_line_error(run(*common, "--ctc-stage-only", "--recipe", "paper", "--ctc-weight", "1",
+                       "-o", str(tmp_path / "o5")), "needs ctc_steps > 0")
+    assert not (tmp_path / "o5").exists()
+
+
 def test_train_and_eval_speech_cli(tmp_path, lm_folder):
     """kappatune train-speech then eval-speech through the entry point; eval reproduces the final WER."""
     import json

@@ -82,6 +82,10 @@ def _register_train_speech(sub) -> None:
                    help="start from the CTC stage another train-speech run trained (its output folder) instead "
                         "of --ctc-steps: the arms of an ablation share one starting adaptor; refused if that "
                         "stage was trained for another adaptor, encoder, window or LLM")
+    p.add_argument("--ctc-stage-only", action="store_true",
+                   help="train the CTC stage (--ctc-steps), save it for other runs' --ctc-stage-from, and stop: "
+                        "no LLM step, no LLM evaluation, no model/ folder (--order, --budget-params and "
+                        "--control are not used)")
     p.add_argument("--frames-cache", help="folder for the frozen encoder's cached frames (default "
                                           "~/.cache/kappatune/speech-frames or $KAPPATUNE_SPEECH_CACHE_DIR; 'none')")
     p.add_argument("--seed", type=int, default=0)
@@ -102,7 +106,7 @@ def cmd_train_speech(a) -> int:
                              seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit,
                              control_chunks=a.control_chunks, save_steps=a.save_steps, ctc_weight=r["ctc_weight"],
                              ctc_steps=r["ctc_steps"], ctc_lr=a.ctc_lr,
-                             ctc_stage_from=a.ctc_stage_from)
+                             ctc_stage_from=a.ctc_stage_from, ctc_stage_only=a.ctc_stage_only)
     run = SpeechRun(model=a.model, manifest=a.manifest, output=a.output, test=a.test, encoder=a.encoder,
                     encoder_window_s=a.encoder_window,
                     order=a.order, budget_params=a.budget_params, adaptor_heads=a.adaptor_heads,

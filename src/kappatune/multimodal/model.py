@@ -168,24 +168,31 @@ class SpeechLLM(nn.Module):
         return self._greedy(*self.llm_inputs(audio, alens), bos_id, eos_id, max_new_tokens)
 
     def _greedy(self, audio, alens, bos_id: int, eos_id: int, max_new_tokens: int) -> list[list[int]]:
-        emb_layer = self.llm.get_input_embeddings()
-        lead = emb_layer(torch.tensor(self.lead_ids, dtype=torch.long, device=audio.device))
-        bos = emb_layer(torch.tensor([bos_id], device=audio.device))
-        outs = []
-        for i in range(audio.shape[0]):
-            prefix = torch.cat([lead, audio[i, : int(alens[i])], bos])
-            x = prefix[None]
-            past, ids = None, []
-            for _ in range(max_new_tokens):
-                o = self.llm(inputs_embeds=x, past_key_values=past, use_cache=True)
-                past = o.past_key_values
-                nxt = int(o.logits[0, -1].argmax())
-                if nxt == eos_id:
-                    break
-                ids.append(nxt)
-                x = emb_layer(torch.tensor([[nxt]], device=audio.device))
-            outs.append(ids)
-        return outs
+        return greedy_after_prefix(self.llm, self.lead_ids, audio, alens, bos_id, eos_id, max_new_tokens)
+
+
+@torch.no_grad()
+def greedy_after_prefix(llm: nn.Module, lead_ids: list[int], inputs: torch.Tensor, lens: torch.Tensor, bos_id: int,
+                        eos_id: int, max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding, clip by clip, after [leading tokens, the clip's ``inputs`` (its first ``lens[i]`` vectors
+    in the LLM's input space), BOS]; token ids per clip, without EOS."""
+    emb_layer = llm.get_input_embeddings()
+    lead = emb_layer(torch.tensor(lead_ids, dtype=torch.long, device=inputs.device))
+    bos = emb_layer(torch.tensor([bos_id], device=inputs.device))
+    outs = []
+    for i in range(inputs.shape[0]):
+        x = torch.cat([lead, inputs[i, : int(lens[i])], bos])[None]
+        past, ids = None, []
+        for _ in range(max_new_tokens):
+            o = llm(inputs_embeds=x, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            nxt = int(o.logits[0, -1].argmax())
+            if nxt == eos_id:
+                break
+            ids.append(nxt)
+            x = emb_layer(torch.tensor([[nxt]], device=inputs.device))
+        outs.append(ids)
+    return outs
 
 
 def word_error_rates(references: list[str], hypotheses: list[str]) -> dict:

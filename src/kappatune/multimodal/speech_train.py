@@ -247,6 +247,7 @@ class SpeechTrainConfig:
     ctc_steps: int = 0           # a first stage of CTC-only adaptor steps, without the LLM (needs ctc_weight > 0)
     ctc_lr: float | None = None  # that stage's learning rate (None: adaptor_lr, else lr)
     ctc_stage_from: str | None = None  # start from the CTC stage another run's folder holds (instead of ctc_steps)
+    ctc_stage_only: bool = False  # train the CTC stage, save it for --ctc-stage-from, and stop before the LLM
     progress: bool = False
 
     def __post_init__(self):
@@ -267,6 +268,8 @@ class SpeechTrainConfig:
         if self.ctc_stage_from and (self.ctc_steps or self.ctc_weight <= 0):
             raise KappaTuneError("ctc_stage_from replaces ctc_steps (give one of them) and needs ctc_weight > 0 "
                                  "(the CTC head the stage trained)")
+        if self.ctc_stage_only and not self.ctc_steps:
+            raise KappaTuneError("ctc_stage_only trains a CTC stage: it needs ctc_steps > 0 (and no ctc_stage_from)")
 
 
 class _FramesDataset(torch.utils.data.Dataset):
@@ -438,6 +441,8 @@ def _prepare_data(model, tok, extractor, train_rows, test_rows, cfg: SpeechTrain
 
     train_frames = encode_clips(model, extractor, train_rows, n_frames, cache_dir=cache_dir)
     test_frames = encode_clips(model, extractor, test_rows, n_frames, cache_dir=cache_dir) if test_rows else []
+    if cfg.ctc_stage_only:  # the LLM is not trained: nothing for it to forget
+        control_text = None
     control = control_chunks(tok, control_text, 256, cfg.control_chunks) if control_text else None
     base_ppl = perplexity(model.llm, tok, chunks=control)["ppl"] if control else None
     text_ids = [tok(r["text"], add_special_tokens=False)["input_ids"] for r in train_rows]
@@ -530,6 +535,31 @@ def _ctc_stage(model, data, out_dir: str, cfg: SpeechTrainConfig, meta: dict | N
                          probe_every=every)
 
 
+def _moved_tensors(model, before: dict, trainable: set[str]) -> list[str]:
+    """The tensors training changed, after checking that each was trainable (frozen weights never move)."""
+    from ..freeze import snapshot
+
+    after = snapshot(model, only_frozen=False, slice_rows={})
+    moved = sorted(n for n in after if after[n] != before[n])
+    stray = [n for n in moved if n not in trainable]
+    if stray:
+        raise KappaTuneError(f"tensor {stray[0]} changed but was not trainable")
+    return moved
+
+
+def _stage_only_result(model, before: dict, trainable: set[str], out_dir: str, stage: dict, cfg, meta) -> dict:
+    """``--ctc-stage-only``: the stage is saved (ctc_stage.*, what --ctc-stage-from reads); no LLM step, no
+    LLM evaluation and no model/ folder, since the LLM has never read the adaptor."""
+    moved = _moved_tensors(model, before, trainable)
+    if any(n.startswith("llm.") for n in moved):
+        raise KappaTuneError("the LLM changed during a CTC stage")
+    res = {"stage_only": True, "steps": 0, "wall_s": stage.get("wall_s"), "changed_tensors": len(moved),
+           "frozen_verified": True, "config": asdict(cfg), "meta": meta or {}, "ctc_stage": stage}
+    res = json.loads(json.dumps(res, default=str))
+    atomic_write_json(os.path.join(out_dir, "speech_train.json"), res)
+    return res
+
+
 def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg: SpeechTrainConfig,
                  n_frames: int, *, control_text: str | None = None, cache_dir: str | None = None,
                  meta: dict | None = None) -> dict:
@@ -562,6 +592,8 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
     resume = last_good_checkpoint(ckpt_dir)
     sub_frames, sub_refs = data.test_frames[: data.eval_count], data.test_refs[: data.eval_count]
     stage = _ctc_stage(model, data, out_dir, cfg, meta, resume)
+    if cfg.ctc_stage_only:
+        return _stage_only_result(model, before, trainable, out_dir, stage, cfg, meta)
     start_path = os.path.join(out_dir, "speech_eval_step0.json")
     if not resume:
         rec0 = dict(measure(model, tok, sub_frames, sub_refs, data.control, data.base_ppl, cfg), step=0)
@@ -581,11 +613,7 @@ def train_speech(model, tok, extractor, train_rows, test_rows, out_dir: str, cfg
     if stopper.requested:
         raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in "
                                   f"{ckpt_dir}; rerun the same command to resume")
-    after = snapshot(model, only_frozen=False, slice_rows={})
-    moved = sorted(n for n in after if after[n] != before[n])
-    stray = [n for n in moved if n not in trainable]
-    if stray:
-        raise KappaTuneError(f"tensor {stray[0]} changed but was not trainable")
+    moved = _moved_tensors(model, before, trainable)
     final = measure(model, tok, data.test_frames, data.test_refs, data.control, data.base_ppl, cfg)
     history, losses = eval_history(start_path, trainer.state.log_history)
     if not args.should_save:

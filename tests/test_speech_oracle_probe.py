@@ -1,0 +1,105 @@
+"""scripts/speech_oracle_probe.py: the corrupted spellings the LLM reads, the inputs built from them, the
+rate schedule, and a short run on a tiny LM whose loss falls."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import load_script
+
+from kappatune.multimodal.ctc import CHARS, char_targets
+
+
+def _probe():
+    return load_script("speech_oracle_probe")
+
+
+def _levenshtein(a, b):
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def test_corrupt_keeps_clean_spelling_at_rate_zero_and_hits_every_character_at_rate_one():
+    p = _probe()
+    chars = char_targets("the stapes to the inner ear")
+    assert p.corrupt(chars, 0.0, random.Random(0)) == chars
+    hit = p.corrupt(chars, 1.0, random.Random(0))
+    assert hit and hit != chars
+    assert all(1 <= c <= len(CHARS) for c in hit)
+    # every character was hit: none survives in place unless an insertion kept it after a new letter
+    kept_in_place = sum(1 for a, b in zip(hit, chars) if a == b)
+    assert kept_in_place < len(chars) // 2
+    assert p.corrupt(char_targets("a"), 1.0, random.Random(3))  # a deleted lone character is not left empty
+
+
+def test_corruption_rate_is_the_character_error_rate_it_produces():
+    p = _probe()
+    texts = ["this vibrates and sound is transmitted through a single bone"] * 60
+    for rate in (0.1, 0.3):
+        reads = p.readings(texts, rate, seed=5)
+        ref = char_targets(texts[0])
+        errors = sum(_levenshtein(ref, r) for r in reads)
+        cer = errors / (len(ref) * len(texts))
+        assert abs(cer - rate) < 0.05 * (1 + rate * 2), (rate, cer)
+
+
+def test_readings_are_fixed_by_the_seed():
+    p = _probe()
+    texts = ["one two three", "four five six"]
+    assert p.readings(texts, 0.3, 1) == p.readings(texts, 0.3, 1)
+    assert p.readings(texts, 0.3, 1) != p.readings(texts, 0.3, 2)
+
+
+def test_spelled_inputs_are_the_character_rows_zero_padded():
+    p = _probe()
+    table = torch.arange(len(CHARS) * 2, dtype=torch.float32).view(len(CHARS), 2)
+    x, lens = p.spelled(table, [[1, 2, 3], [38]])
+    assert lens.tolist() == [3, 1]
+    assert x.shape == (2, 3, 2)
+    assert torch.equal(x[0], table[[0, 1, 2]])
+    assert torch.equal(x[1, 0], table[37])
+    assert not x[1, 1:].any()
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    p = _probe()
+    assert p.schedule(0, 100, 10) == pytest.approx(0.1)
+    assert p.schedule(9, 100, 10) == pytest.approx(1.0)
+    assert p.schedule(10, 100, 10) == pytest.approx(1.0)
+    assert p.schedule(55, 100, 10) == pytest.approx(0.5)
+    assert p.schedule(100, 100, 10) == 0.0
+
+
+def _manifest(path, texts):
+    path.write_text("".join(json.dumps({"audio": "unused.wav", "text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def test_a_short_clean_run_learns_and_a_finished_arm_is_kept(lm_folder, tmp_path):
+    p = _probe()
+    words = ["red cat", "blue dog", "green owl", "pink fox", "gray bat", "tan emu"]
+    train = _manifest(tmp_path / "train.jsonl", words * 4)
+    test = _manifest(tmp_path / "test.jsonl", words[:4])
+    control = tmp_path / "control.txt"
+    control.write_text("plain words for the control text. " * 200)
+    out = tmp_path / "out"
+    argv = ["--train", train, "--test", test, "--model", str(lm_folder), "--budget-params", "8k",
+            "--rates", "0", "--steps", "30", "--lr", "3e-3", "--warmup", "3", "--eval-every", "15",
+            "--eval-limit", "2", "--control", str(control), "--out", str(out)]
+    p.main(argv)
+    rec = json.loads((out / "cer-0.json").read_text())
+    assert rec["input_cer_measured"] == 0.0
+    assert [e["step"] for e in rec["evals"]] == [0, 15, 30]
+    assert [e["clips"] for e in rec["evals"]] == [2, 2, 4]
+    assert rec["selected"] and all(isinstance(n, str) for n in rec["selected"])
+    losses = [x["loss"] for x in rec["train_loss"]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert rec["evals"][-1]["loss_right"] < rec["evals"][0]["loss_right"]
+    before = (out / "cer-0.json").stat().st_mtime_ns
+    p.main(argv)  # resumable: the finished arm is not run again
+    assert (out / "cer-0.json").stat().st_mtime_ns == before
