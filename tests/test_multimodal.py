@@ -422,6 +422,15 @@ def test_ctc_stage_only_saves_a_stage_other_runs_start_from(tmp_path, lm_folder)
     assert (stage / "ctc_stage.json").exists() and (stage / "ctc_stage.safetensors").exists()
     assert not (stage / "model").exists() and not (stage / "speech_eval_step0.json").exists()
     last = res["ctc_stage"]["history"][-1]
+    # scripts/speech_oracle_probe.py --head reads the clips through the same stage: the same reading
+    from conftest import load_script
+
+    from kappatune.multimodal.ctc import char_targets, char_text
+    from kappatune.multimodal.model import word_error_rates
+
+    (reads,) = load_script("speech_oracle_probe").head_readings(str(stage), str(lm_folder), [str(test)])
+    wanted = [char_text(char_targets(t)) for t in ("go left", "stop")]
+    assert word_error_rates(wanted, [char_text(r) for r in reads])["cer"] == pytest.approx(last["heldout_ctc_cer"])
     r = run(*common, "--ctc-stage-from", str(stage), "--budget-params", "0", "--max-steps", "1", "--control",
             "none", "-o", str(tmp_path / "arm"))
     assert r.returncode == 0, r.stderr
@@ -429,9 +438,12 @@ def test_ctc_stage_only_saves_a_stage_other_runs_start_from(tmp_path, lm_folder)
     assert step0["ctc_cer"] == pytest.approx(last["heldout_ctc_cer"])
     one_line_error(run(*common, "--ctc-stage-only", "--ctc-stage-from", str(stage), "-o", str(tmp_path / "o5")),
                    "ctc_stage_only trains a CTC stage")
-    one_line_error(run(*common, "--ctc-stage-only", "--recipe", "paper", "--ctc-weight", "1",
-                       "-o", str(tmp_path / "o5")), "needs ctc_steps > 0")
     assert not (tmp_path / "o5").exists()
+    from kappatune.errors import KappaTuneError
+    from kappatune.multimodal.speech_train import SpeechTrainConfig
+
+    with pytest.raises(KappaTuneError, match="needs ctc_steps > 0"):
+        SpeechTrainConfig(ctc_stage_only=True, ctc_weight=1.0)
 
 
 def test_train_and_eval_speech_cli(tmp_path, lm_folder):

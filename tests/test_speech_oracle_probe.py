@@ -55,15 +55,36 @@ def test_readings_are_fixed_by_the_seed():
     assert p.readings(texts, 0.3, 1) != p.readings(texts, 0.3, 2)
 
 
-def test_spelled_inputs_are_the_character_rows_zero_padded():
+def test_spelled_inputs_are_the_embedding_rows_zero_padded():
     p = _probe()
-    table = torch.arange(len(CHARS) * 2, dtype=torch.float32).view(len(CHARS), 2)
-    x, lens = p.spelled(table, [[1, 2, 3], [38]])
+    embed = torch.nn.Embedding(50, 2)
+    x, lens = p.spelled(embed, [[5, 6, 7], [49]])
     assert lens.tolist() == [3, 1]
     assert x.shape == (2, 3, 2)
-    assert torch.equal(x[0], table[[0, 1, 2]])
-    assert torch.equal(x[1, 0], table[37])
+    assert torch.equal(x[0], embed.weight[[5, 6, 7]])
+    assert torch.equal(x[1, 0], embed.weight[49])
     assert not x[1, 1:].any()
+
+
+def test_llm_ids_spell_characters_or_tokenize_the_reading():
+    from conftest import char_tokenizer
+
+    p = _probe()
+    tok = char_tokenizer()
+    char_ids = [100 + i for i in range(len(CHARS))]
+    reads = [char_targets("ab c"), char_targets("x")]
+    assert p.llm_ids(reads, "chars", tok, char_ids) == [[101, 102, 100, 103], [124]]  # CHARS starts with the space
+    # through the tokenizer: the reading's text, as the LLM would read that text
+    assert p.llm_ids(reads, "tokens", tok, char_ids) == [tok("ab c", add_special_tokens=False)["input_ids"],
+                                                         tok("x", add_special_tokens=False)["input_ids"]]
+
+
+def test_arm_files_name_the_errors_and_the_reading():
+    p = _probe()
+    assert p.arm_file(0.3, "chars") == "cer-0.3.json"
+    assert p.arm_file(0.0, "tokens") == "tokens-cer-0.json"
+    assert p.arm_file(None, "chars") == "head.json"
+    assert p.arm_file(None, "tokens") == "tokens-head.json"
 
 
 def test_schedule_warms_up_then_decays_to_zero():
