@@ -95,8 +95,9 @@ def lm_loss(llm, tok, ids, text_ids, lead_ids):
 
 @torch.no_grad()
 def measure(llm, tok, reads, ids, refs, lead_ids, control, base_ppl, batch_size: int = 8) -> dict:
-    """WER/CER of greedy outputs, the loss with the right spelling and with the next text's, and the
-    control perplexity."""
+    """WER/CER of greedy outputs (exact, as eval-speech scores them, and plain: lower case, no punctuation,
+    as the readings are scored), the outputs, the loss with the right reading and with the next text's, and
+    the control perplexity."""
     from kappatune.evaluate import perplexity
 
     llm.eval()
@@ -115,7 +116,9 @@ def measure(llm, tok, reads, ids, refs, lead_ids, control, base_ppl, batch_size:
         losses[key] = total / sum(len(x) + 1 for x in ref_ids)
     ppl = perplexity(llm, tok, chunks=control)["ppl"]
     llm.train()
-    return dict(word_error_rates(refs, hyps), loss_right=losses["right"], loss_wrong=losses["wrong"],
+    plain = word_error_rates([char_text(char_targets(r)) for r in refs], [char_text(char_targets(h)) for h in hyps])
+    return dict(word_error_rates(refs, hyps), wer_plain=plain["wer"], cer_plain=plain["cer"], hyps=hyps,
+                loss_right=losses["right"], loss_wrong=losses["wrong"],
                 gap=losses["wrong"] - losses["right"], control_ppl=ppl, dppl=ppl - base_ppl,
                 examples=[{"read": char_text(r), "ref": ref, "hyp": h}
                           for r, ref, h in list(zip(reads, refs, hyps))[:3]])

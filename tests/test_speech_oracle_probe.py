@@ -117,6 +117,7 @@ def test_a_short_clean_run_learns_and_a_finished_arm_is_kept(lm_folder, tmp_path
     assert rec["input_cer_measured"] == 0.0
     assert [e["step"] for e in rec["evals"]] == [0, 15, 30]
     assert [e["clips"] for e in rec["evals"]] == [2, 2, 4]
+    assert [len(e["hyps"]) for e in rec["evals"]] == [2, 2, 4] and rec["evals"][-1]["wer_plain"] >= 0
     assert rec["selected"] and all(isinstance(n, str) for n in rec["selected"])
     losses = [x["loss"] for x in rec["train_loss"]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
