@@ -187,10 +187,10 @@ def run_arm(rate: float | None, args, base) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
-def head_readings(stage: str, model_name: str, manifests: list[str]) -> list[list[list[int]]]:
+def head_readings(stage: str, llm, manifests: list[str]) -> list[list[list[int]]]:
     """Per manifest, the CTC ids the head of the train-speech CTC stage in ``stage`` reads from each clip
-    (best path, as the bridge compresses it), from the frozen encoder's cached frames."""
-    from kappatune.models import load_model
+    (best path, as the bridge compresses it), from the frozen encoder's cached frames. ``llm``: the stage's
+    LLM (only its width and embedding scale are read)."""
     from kappatune.multimodal.adaptor import pad_frames
     from kappatune.multimodal.ctc_stage import load_ctc_stage, require_stage
     from kappatune.multimodal.encoders import feature_extractor, load_encoder
@@ -201,7 +201,6 @@ def head_readings(stage: str, model_name: str, manifests: list[str]) -> list[lis
     fp = require_stage(stage)["fingerprint"]
     encoder = load_encoder(fp["encoder"], fp["encoder_window_s"])
     fe, n_frames = feature_extractor(encoder)
-    llm, _ = load_model(model_name)
     model = SpeechLLM(encoder, llm, heads=fp["heads"], layers=fp["layers"], subsample=fp["subsample"],
                       ctc_weight=1.0, out_norm=fp["out_norm"])
     load_ctc_stage(model.adaptor, stage, stage_fingerprint(model, {k: fp[k] for k in ("encoder", "encoder_window_s", "llm")}))
@@ -234,7 +233,7 @@ def shared_inputs(args) -> dict:
     base = {"train": texts(args.train), "test": texts(args.test), "control": control,
             "base_ppl": perplexity(llm, tok, chunks=control)["ppl"]}
     if args.head:
-        base["head_train"], base["head_test"] = head_readings(args.head, args.model, [args.train, args.test])
+        base["head_train"], base["head_test"] = head_readings(args.head, llm, [args.train, args.test])
     return base
 
 

@@ -428,7 +428,9 @@ def test_ctc_stage_only_saves_a_stage_other_runs_start_from(tmp_path, lm_folder)
     from kappatune.multimodal.ctc import char_targets, char_text
     from kappatune.multimodal.model import word_error_rates
 
-    (reads,) = load_script("speech_oracle_probe").head_readings(str(stage), str(lm_folder), [str(test)])
+    from kappatune.models import load_model
+
+    (reads,) = load_script("speech_oracle_probe").head_readings(str(stage), load_model(str(lm_folder))[0], [str(test)])
     wanted = [char_text(char_targets(t)) for t in ("go left", "stop")]
     assert word_error_rates(wanted, [char_text(r) for r in reads])["cer"] == pytest.approx(last["heldout_ctc_cer"])
     r = run(*common, "--ctc-stage-from", str(stage), "--budget-params", "0", "--max-steps", "1", "--control",

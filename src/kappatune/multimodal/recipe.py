@@ -85,7 +85,7 @@ def run_train_speech(run: SpeechRun) -> dict:
     train_rows = load_manifest(run.manifest)
     test_rows = load_manifest(run.test) if run.test else []
     budget = 0 if run.train.ctc_stage_only else parse_size(run.budget_params)  # a stage-only run never trains the LLM
-    control = None if run.train.ctc_stage_only else control_text(run.control)
+    control = control_text(run.control)  # train_speech ignores it for a stage-only run
     check_clips(train_rows + test_rows, encoder_window_s(run.encoder, run.encoder_window_s))
     if run.train.ctc_stage_from:
         from .ctc_stage import require_stage
