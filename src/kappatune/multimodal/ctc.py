@@ -39,17 +39,25 @@ def char_text(ids: list[int]) -> str:
 
 
 class CharCTCHead(nn.Module):
-    """(B, T, dim) adaptor outputs -> CTC log-probabilities over (B, T * per_position, CTC_VOCAB)."""
+    """(B, T, dim) adaptor outputs -> CTC log-probabilities over (B, T * per_position, vocab).
 
-    def __init__(self, dim: int, per_position: int):
+    ``vocab`` counts the blank: the default is the 38 characters + 1; a probe with another alphabet (e.g.
+    scripts/speech_phoneme_probe.py's espeak-ng phonemes) passes its own size. ``hidden`` > 0 puts one GELU
+    layer of that width before the output (a reader with its own non-linearity; the default, 0, is the linear
+    head every saved stage has)."""
+
+    def __init__(self, dim: int, per_position: int, vocab: int = CTC_VOCAB, hidden: int = 0):
         super().__init__()
         self.per_position = per_position
-        self.proj = nn.Linear(dim, per_position * CTC_VOCAB)
+        self.vocab = vocab
+        out = per_position * vocab
+        self.proj = nn.Linear(dim, out) if hidden <= 0 else nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
 
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, dim) -> (B, T * per_position, CTC_VOCAB) logits, one row per CTC frame."""
+        """(B, T, dim) -> (B, T * per_position, vocab) logits, one row per CTC frame."""
         b, t, _ = x.shape
-        return self.proj(x).view(b, t * self.per_position, CTC_VOCAB)
+        return self.proj(x).view(b, t * self.per_position, self.vocab)
 
     def loss(self, x: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
         """Mean CTC loss per target character over the batch (clips whose audio is too short for their text
@@ -61,13 +69,17 @@ class CharCTCHead(nn.Module):
                                       reduction="mean", zero_infinity=True)
 
     @torch.no_grad()
-    def greedy(self, x: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        """Best-path decoding: the most likely symbol per CTC frame, repeats merged, blanks dropped. A direct
-        read of what the adaptor's outputs carry, without the LLM."""
+    def best_paths(self, x: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        """Best-path decoding: the most likely symbol per CTC frame, repeats merged, blanks dropped; the
+        symbol ids (1..vocab-1) of each clip."""
         best = self.frame_logits(x).argmax(-1)
         out = []
         for i in range(x.shape[0]):
             ids = best[i, : int(lengths[i]) * self.per_position].tolist()
-            kept = [c for j, c in enumerate(ids) if c != 0 and (j == 0 or c != ids[j - 1])]
-            out.append(char_text(kept).strip())
+            out.append([c for j, c in enumerate(ids) if c != 0 and (j == 0 or c != ids[j - 1])])
         return out
+
+    def greedy(self, x: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """The best paths as text (the character alphabet): a direct read of what the adaptor's outputs
+        carry, without the LLM."""
+        return [char_text(ids).strip() for ids in self.best_paths(x, lengths)]
