@@ -28,7 +28,7 @@ import torch
 from kappatune._io import atomic_write_json
 from kappatune.models import load_model
 from kappatune.multimodal.ctc import CharCTCHead, char_targets, char_text
-from kappatune.multimodal.ctc_stage import ctc_pretrain
+from kappatune.multimodal.ctc_stage import ctc_pretrain, mask_frames
 from kappatune.multimodal.encoders import encoder_window_s, feature_extractor, load_encoder
 from kappatune.multimodal.frames_cache import frames_cache_dir
 from kappatune.multimodal.model import SpeechLLM, word_error_rates
@@ -120,13 +120,15 @@ def main() -> None:
                     help="what the CTC head reads: espeak-ng phonemes, or the character stage's own alphabet")
     ap.add_argument("--head-hidden", type=int, default=0,
                     help="a GELU layer of this width in the CTC head (0: the linear head of the character stage)")
+    ap.add_argument("--mask-frames", action="store_true",
+                    help="train on masked copies of the frames (ctc_stage.mask_frames: time spans and channel bands)")
     ap.add_argument("--phoneme-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kappatune",
                                                                "espeak-phonemes.json"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--weights-dir", help="also save the trained adaptor and head here")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    name = f"{args.target}-hidden{args.head_hidden}-seed{args.seed}"
+    name = f"{args.target}-hidden{args.head_hidden}{'-masked' if args.mask_frames else ''}-seed{args.seed}"
     result_path = os.path.join(args.out, name + ".json")
     if os.path.exists(result_path):
         print(result_path, "exists")
@@ -167,13 +169,15 @@ def main() -> None:
     t0 = time.perf_counter()
     history = ctc_pretrain(ad, train_frames, [[ids[s] for s in ph] for ph in train_ph], steps=args.steps,
                            lr=args.lr, batch_size=args.batch_size, seed=args.seed, log_every=50,
-                           probe=probe, probe_every=args.probe_every)
+                           probe=probe, probe_every=args.probe_every,
+                           augment=mask_frames if args.mask_frames else None)
     wall = time.perf_counter() - t0
     readings = {os.path.basename(p): {**reading_scores(ad, fr, test_ph[p], symbols),
                                       "refs": [" ".join(r) for r in test_ph[p][:5]]}
                 for p, fr in test_frames.items()}
     atomic_write_json(result_path, {
-        "target": args.target, "head_hidden": args.head_hidden, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+        "target": args.target, "head_hidden": args.head_hidden, "mask_frames": args.mask_frames,
+        "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
         "encoder": args.encoder, "encoder_window_s": args.encoder_window, "train_clips": len(train_rows),
         "symbols": symbols, "ctc_wall_s": wall, "readings": readings, "history": history})
     if args.weights_dir:  # the trained adaptor and head, for later readings (kept out of the results folder)

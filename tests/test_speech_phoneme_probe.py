@@ -59,7 +59,7 @@ def test_head_with_its_own_vocabulary_and_hidden_layer_has_the_right_shapes_and_
         opt.zero_grad()
         head.loss(x, lengths, targets).backward()
         opt.step()
-    assert float(head.loss(x, lengths, targets)) < first / 4
+    assert float(head.loss(x, lengths, targets).detach()) < first / 4
     assert head.best_paths(x, lengths) == targets  # the fitted head reads its targets back
 
 
@@ -69,3 +69,40 @@ def test_best_paths_merge_repeats_and_drop_blanks_within_each_clips_length():
     logits = torch.nn.functional.one_hot(best, 4).float()
     head.frame_logits = lambda x: logits  # the decoding alone, on known frame-wise winners
     assert head.best_paths(torch.zeros(2, 7, 4), torch.tensor([7, 4])) == [[1, 1, 2, 3], [3]]
+
+
+def test_mask_frames_zeroes_bounded_spans_of_a_copy_and_repeats_with_the_seed():
+    from kappatune.multimodal.ctc_stage import mask_frames
+
+    frames = torch.randn(100, 64) + 5.0  # no zeros of its own
+    kept = frames.clone()
+    masked = mask_frames(frames, torch.Generator().manual_seed(0), time_masks_per_s=1.0, max_time=10,
+                         channel_masks=2, max_channels=8)
+    assert torch.equal(frames, kept)  # the cached frames are never changed
+    zero = masked == 0
+    full_rows, full_cols = zero.all(1), zero.all(0)
+    assert int(full_rows.sum()) <= 2 * 10  # 100 frames at 50 per second: two time masks of <= 10 frames
+    assert int(full_cols.sum()) <= 2 * 8
+    # every zero lies in a masked row or column: nothing else is touched
+    assert bool((zero <= (full_rows[:, None] | full_cols[None, :])).all())
+    assert torch.equal(masked[~zero], frames[~zero])
+    again = mask_frames(frames, torch.Generator().manual_seed(0), time_masks_per_s=1.0, max_time=10,
+                        channel_masks=2, max_channels=8)
+    assert torch.equal(masked, again)
+    many = mask_frames(frames, torch.Generator().manual_seed(1), time_masks_per_s=20.0, max_time=10)
+    assert int((many == 0).all(1).sum()) > 20  # more masks per second mask more frames
+
+
+def test_ctc_stage_with_masking_trains_on_copies_and_still_lowers_its_loss():
+    from kappatune.multimodal.adaptor import SpeechAdaptor
+    from kappatune.multimodal.ctc_stage import ctc_pretrain, mask_frames
+
+    torch.manual_seed(0)
+    adaptor = SpeechAdaptor(16, 24, subsample=2, heads=2, layers=1, ctc_head=True)
+    frames = [torch.randn(40, 16) for _ in range(4)]
+    kept = [f.clone() for f in frames]
+    targets = [[3, 4, 5], [6, 7], [8, 9, 10], [11]]
+    hist = ctc_pretrain(adaptor, frames, targets, steps=120, lr=3e-3, batch_size=4, seed=0, log_every=20,
+                        augment=lambda f, g: mask_frames(f, g, max_time=3, max_channels=2))
+    assert all(torch.equal(a, b) for a, b in zip(frames, kept))
+    assert hist[-1]["ctc_loss"] < hist[0]["ctc_loss"] * 0.7

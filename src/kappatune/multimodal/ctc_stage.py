@@ -34,7 +34,8 @@ STAGE_LOG_EVERY = 50  # steps between logged losses (and the grid a probe runs o
 def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]], *, steps: int, lr: float,
                  batch_size: int, seed: int, log_every: int = STAGE_LOG_EVERY,
                  probe: Callable[[], dict] | None = None,
-                 probe_every: int = 0) -> list[dict]:
+                 probe_every: int = 0,
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> list[dict]:
     """``steps`` AdamW steps of the adaptor (and its CTC head) on the CTC loss alone, batches drawn with a
     seeded generator, linear warmup over the first tenth then linear decay; returns the logged losses.
 
@@ -42,7 +43,10 @@ def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]],
     ``probe_every`` steps (a multiple of ``log_every``) and at the last step, its figures (and its time,
     ``probe_s``) added to that step's entry: the stage's learning curve on data it does not train on. It runs
     with the RNG state forked and the adaptor put back in training mode after it, so probing cannot change
-    the trained weights."""
+    the trained weights.
+
+    ``augment`` (e.g. ``mask_frames``) returns a training copy of one clip's frames, drawing from the stage's
+    generator; the cached frames themselves are never changed."""
     if adaptor.ctc_head is None:
         raise ValueError("the adaptor has no CTC head")
     if probe is not None and (probe_every <= 0 or probe_every % log_every):
@@ -59,7 +63,8 @@ def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]],
     try:
         for step in range(1, steps + 1):
             idx = torch.randint(len(frames), (batch_size,), generator=gen).tolist()
-            out, out_lens = adaptor(*pad_frames([frames[i] for i in idx]))
+            clips = [frames[i] if augment is None else augment(frames[i], gen) for i in idx]
+            out, out_lens = adaptor(*pad_frames(clips))
             loss = adaptor.ctc_head.loss(out, out_lens, [char_ids[i] for i in idx])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -80,6 +85,27 @@ def ctc_pretrain(adaptor, frames: list[torch.Tensor], char_ids: list[list[int]],
     finally:
         adaptor.train(was_training)
     return history
+
+
+def mask_frames(frames: torch.Tensor, gen: torch.Generator, *, time_masks_per_s: float = 1.0,
+                max_time: int = 10, channel_masks: int = 2, max_channels: int = 40,
+                frames_per_s: float = 50.0) -> torch.Tensor:
+    """A masked copy of one clip's (T, dim) encoder frames, SpecAugment's idea applied after the frozen encoder:
+    spans of up to ``max_time`` frames (``time_masks_per_s`` per second of audio) and ``channel_masks`` bands
+    of up to ``max_channels`` channels set to zero. Why: the CTC stage fits its 4,000 clips (training loss far
+    below the held-out error) and the frames are cached, so masking them is the cheap way to vary the data."""
+    out = frames.clone()
+    t, dim = out.shape
+    n_time = int(round(time_masks_per_s * t / frames_per_s))
+    for _ in range(n_time):
+        width = int(torch.randint(0, max_time + 1, (1,), generator=gen))
+        start = int(torch.randint(0, max(1, t - width + 1), (1,), generator=gen))
+        out[start:start + width] = 0
+    for _ in range(channel_masks):
+        width = int(torch.randint(0, max_channels + 1, (1,), generator=gen))
+        start = int(torch.randint(0, max(1, dim - width + 1), (1,), generator=gen))
+        out[:, start:start + width] = 0
+    return out
 
 
 def _run_probe(probe: Callable[[], dict], adaptor) -> dict:
