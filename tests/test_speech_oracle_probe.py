@@ -125,3 +125,33 @@ def test_a_short_clean_run_learns_and_a_finished_arm_is_kept(lm_folder, tmp_path
     before = (out / "cer-0.json").stat().st_mtime_ns
     p.main(argv)  # resumable: the finished arm is not run again
     assert (out / "cer-0.json").stat().st_mtime_ns == before
+
+
+def test_compare_pairs_arms_sentence_by_sentence_on_the_pooled_wer(tmp_path, capsys):
+    cmp = load_script("speech_oracle_compare")
+    refs = ["the cat sat", "a dog ran far", "it rains"]
+    assert cmp.sentence_errors(refs, ["the cat sat", "a dog far", ""]) == [0, 1, 2]
+    # arm a misses 1 + 2 words more than arm b on two sentences, over a mean reference length of 3 words
+    c = cmp.wer_contrast(refs, ["the cat", "a dog", "it rains"], ["the cat sat", "a dog ran", "it rains"])
+    assert c["wer_diff"] == pytest.approx((1 + 1 + 0) / 3 / 3)
+    assert c["sentences"] == 3 and c["low"] < c["wer_diff"] < c["high"]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"text": t}) + "\n" for t in refs))
+
+    def arm(name, hyps, wer):
+        path = tmp_path / f"{name}.json"
+        ev = {"step": 300, "clips": 3, "wer": wer, "gap": 1.0, "dppl": 2.0}
+        if hyps is not None:
+            ev["hyps"] = hyps
+        path.write_text(json.dumps({"order": name, "seed": 0, "lr": 5e-4, "selected": ["w"], "evals": [ev]}))
+        return f"{name}={path}"
+
+    out = tmp_path / "cmp.json"
+    cmp.main(["--test", str(test), "--reference", "lowest", "-o", str(out),
+              arm("lowest", refs, 0.0), arm("worse", ["x", "y", "z"], 1.0), arm("old", None, 0.5)])
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["arms"]}
+    assert rows["worse"]["vs_reference"]["wer_diff"] == pytest.approx(1.0)  # every word wrong, none extra
+    assert "vs_reference" not in rows["old"] and "vs_reference" not in rows["lowest"]
+    assert "| worse |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--reference nope"):
+        cmp.main(["--test", str(test), "--reference", "nope", arm("lowest", refs, 0.0)])
