@@ -92,8 +92,10 @@ def mask_frames(frames: torch.Tensor, gen: torch.Generator, *, time_masks_per_s:
                 frames_per_s: float = 50.0) -> torch.Tensor:
     """A masked copy of one clip's (T, dim) encoder frames, SpecAugment's idea applied after the frozen encoder:
     spans of up to ``max_time`` frames (``time_masks_per_s`` per second of audio) and ``channel_masks`` bands
-    of up to ``max_channels`` channels set to zero. Why: the CTC stage fits its 4,000 clips (training loss far
-    below the held-out error) and the frames are cached, so masking them is the cheap way to vary the data."""
+    of up to ``max_channels`` channels set to zero. Why: a long CTC stage memorises its clips (docs/speech.md)
+    and the frames are cached, so masking them is the cheap way to vary the data. Drawn from the stage's own
+    generator, the masks shift the batch draws that follow: a masked stage sees other batches of the same
+    clips, not the unmasked stage's batches."""
     out = frames.clone()
     t, dim = out.shape
     n_time = int(round(time_masks_per_s * t / frames_per_s))
