@@ -1,5 +1,5 @@
 """Is the acoustic side limited by English spelling? A phoneme CTC stage beside the character one (issue 15;
-docs/speech.md "Phonemes instead of characters").
+docs/speech.md "Phonemes instead of characters, a wider head, masked frames").
 
 The character CTC stage reads held-out clips at CER ~0.31 and stops improving (docs/speech.md "A four times
 longer CTC stage"). espeak-ng made every clip from a phoneme string it computed from the text, so the sounds
