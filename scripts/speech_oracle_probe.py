@@ -191,12 +191,11 @@ def head_readings(stage: str, llm, manifests: list[str]) -> list[list[list[int]]
     """Per manifest, the CTC ids the head of the train-speech CTC stage in ``stage`` reads from each clip
     (best path, as the bridge compresses it), from the frozen encoder's cached frames. ``llm``: the stage's
     LLM (only its width and embedding scale are read)."""
-    from kappatune.multimodal.adaptor import pad_frames
     from kappatune.multimodal.ctc_stage import load_ctc_stage, require_stage
     from kappatune.multimodal.encoders import feature_extractor, load_encoder
     from kappatune.multimodal.frames_cache import frames_cache_dir
     from kappatune.multimodal.model import SpeechLLM
-    from kappatune.multimodal.speech_train import encode_clips, load_manifest, stage_fingerprint
+    from kappatune.multimodal.speech_train import encode_clips, head_best_paths, load_manifest, stage_fingerprint
 
     fp = require_stage(stage)["fingerprint"]
     encoder = load_encoder(fp["encoder"], fp["encoder_window_s"])
@@ -204,16 +203,11 @@ def head_readings(stage: str, llm, manifests: list[str]) -> list[list[list[int]]
     model = SpeechLLM(encoder, llm, heads=fp["heads"], layers=fp["layers"], subsample=fp["subsample"],
                       ctc_weight=1.0, out_norm=fp["out_norm"])
     load_ctc_stage(model.adaptor, stage, stage_fingerprint(model, {k: fp[k] for k in ("encoder", "encoder_window_s", "llm")}))
-    model.adaptor.eval()
     out = []
-    with torch.no_grad():
-        for path in manifests:
-            frames = encode_clips(model, fe, load_manifest(path), n_frames, cache_dir=frames_cache_dir())
-            texts = []
-            for i in range(0, len(frames), 32):
-                x, lens = model.adaptor(*pad_frames(frames[i:i + 32]))
-                texts += model.adaptor.ctc_head.greedy(x, lens)
-            out.append([char_targets(t) or [1] for t in texts])
+    for path in manifests:
+        frames = encode_clips(model, fe, load_manifest(path), n_frames, cache_dir=frames_cache_dir())
+        # the reading normalised as the targets are (edge spaces dropped); an empty one reads as a space
+        out.append([char_targets(char_text(ids)) or [1] for ids in head_best_paths(model.adaptor, frames, 32)])
     return out
 
 

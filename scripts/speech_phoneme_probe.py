@@ -32,7 +32,7 @@ from kappatune.multimodal.ctc_stage import ctc_pretrain, mask_frames
 from kappatune.multimodal.encoders import encoder_window_s, feature_extractor, load_encoder
 from kappatune.multimodal.frames_cache import frames_cache_dir
 from kappatune.multimodal.model import SpeechLLM, word_error_rates
-from kappatune.multimodal.speech_train import check_clips, encode_clips, load_manifest
+from kappatune.multimodal.speech_train import check_clips, encode_clips, head_best_paths, load_manifest
 
 WORD_BOUNDARY = "|"
 STRESS_MARKS = "',"
@@ -81,23 +81,11 @@ def phonemize_rows(rows: list[dict], cache_path: str) -> list[list[str]]:
 def symbol_error_rate(refs: list[list[str]], hyps: list[list[str]]) -> float:
     """Edit distance over symbols / reference symbols, pooled over clips (jiwer's WER on space-joined
     symbols: no symbol contains a space)."""
-    return word_error_rates([" ".join(r) for r in refs], [" ".join(h) if h else "" for h in hyps])["wer"]
-
-
-def read_phonemes(adaptor, frames: list[torch.Tensor], symbols: list[str], batch_size: int = 16):
-    from kappatune.multimodal.adaptor import pad_frames
-
-    adaptor.eval()
-    hyps: list[list[str]] = []
-    with torch.no_grad():
-        for i in range(0, len(frames), batch_size):
-            out, lens = adaptor(*pad_frames(frames[i:i + batch_size]))
-            hyps += [[symbols[c - 1] for c in ids] for ids in adaptor.ctc_head.best_paths(out, lens)]
-    return hyps
+    return word_error_rates([" ".join(r) for r in refs], [" ".join(h) for h in hyps])["wer"]
 
 
 def reading_scores(adaptor, frames, refs: list[list[str]], symbols: list[str]) -> dict:
-    hyps = read_phonemes(adaptor, frames, symbols)
+    hyps = [[symbols[c - 1] for c in ids] for ids in head_best_paths(adaptor, frames)]
     no_bounds = [[s for s in h if s != WORD_BOUNDARY] for h in hyps]
     ref_no_bounds = [[s for s in r if s != WORD_BOUNDARY] for r in refs]
     return {"per": symbol_error_rate(refs, hyps), "per_no_boundaries": symbol_error_rate(ref_no_bounds, no_bounds),

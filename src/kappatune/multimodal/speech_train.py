@@ -148,22 +148,31 @@ def evaluate_frames(model, tok, frames: list[torch.Tensor], refs: list[str], max
 
 
 @torch.no_grad()
-def ctc_reading(adaptor, frames: list[torch.Tensor], refs: list[str], batch_size: int = 16) -> dict:
-    """WER and CER of the CTC head's best-path reading of the adaptor's outputs against the normalised
-    references: whether the audio's content reaches the vectors the LLM reads, with the LLM out of the loop."""
+def head_best_paths(adaptor, frames: list[torch.Tensor], batch_size: int = 16) -> list[list[int]]:
+    """The CTC head's best-path symbol ids for each clip's frames, read in eval mode without gradients (the
+    adaptor's mode is put back): the one place the head is read over a list of clips."""
     from .adaptor import pad_frames
-    from .ctc import char_text
-    from .model import word_error_rates
 
     was_training = adaptor.training
     adaptor.eval()
-    hyps: list[str] = []
+    paths: list[list[int]] = []
     try:
-        for i in range(0, len(frames), batch_size):
-            out, out_lens = adaptor(*pad_frames(frames[i:i + batch_size]))
-            hyps += adaptor.ctc_head.greedy(out, out_lens)
+        with torch.no_grad():
+            for i in range(0, len(frames), batch_size):
+                out, out_lens = adaptor(*pad_frames(frames[i:i + batch_size]))
+                paths += adaptor.ctc_head.best_paths(out, out_lens)
     finally:
         adaptor.train(was_training)
+    return paths
+
+
+def ctc_reading(adaptor, frames: list[torch.Tensor], refs: list[str], batch_size: int = 16) -> dict:
+    """WER and CER of the CTC head's best-path reading of the adaptor's outputs against the normalised
+    references: whether the audio's content reaches the vectors the LLM reads, with the LLM out of the loop."""
+    from .ctc import char_text
+    from .model import word_error_rates
+
+    hyps = [char_text(ids).strip() for ids in head_best_paths(adaptor, frames, batch_size)]
     wanted = [char_text(char_targets(r)) for r in refs]
     scores = word_error_rates(wanted, hyps)
     return {"wer": scores["wer"], "cer": scores["cer"]}
