@@ -1,5 +1,6 @@
 """Run under torchrun (2 CPU processes, gloo) by test_engines.py: FSDP2 training of a KappaTune selection."""
 
+import gc
 import json
 import sys
 
@@ -48,6 +49,11 @@ def main(out: str) -> None:
             json.dump({"selected": sel.names, "ranks_identical": all(v == allv[0] for v in allv),
                        "scan_refused": refused, "units": kappatune.integrations.fsdp.sharded_units(model)}, f)
     dist.barrier()
+    # The sharded model and its optimizer hold the FSDP mesh's process group; left alive past
+    # destroy_process_group they are torn down at interpreter exit, where gloo's threads abort the process
+    # ("terminate called without an active exception") in about one launch in four under load.
+    del model, opt
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -10,6 +10,8 @@
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ...
     state = full_state_dict(model)                 # collective: every rank calls it; full tensors on CPU
+    del model, opt                                 # before destroy_process_group (see below)
+    gc.collect(); dist.destroy_process_group()
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every parameter on its own and keeps its
 ``requires_grad``, so a layer can mix frozen and selected tensors: frozen ones get no gradient, no
@@ -18,6 +20,11 @@ FlatParameter with a single ``requires_grad``; there a partly frozen model needs
 (``kappatune train --fsdp`` sets it and refuses a config that turns it off).
 
 FSDP2 also runs on CPU with the gloo backend (tested here with 2 processes); FSDP1 needs an accelerator.
+
+Release the sharded model and its optimizer before ``destroy_process_group``: they hold the device mesh's
+process group, and when that is torn down only at interpreter exit the gloo backend can abort the finished
+process ("terminate called without an active exception"; measured on CPU: 6 of 23 launches under load
+aborted that way, none of 28 after ``del model, opt; gc.collect()``).
 """
 
 from __future__ import annotations
