@@ -161,26 +161,45 @@ def train_and_measure(llm, tok, train_ids, test_ids, test_reads, base, args) -> 
     return evals, losses
 
 
+def prepare_arm(llm, tok, args) -> tuple[torch.nn.Module, dict]:
+    """The LLM made ready to train and what the arm's record says about it: the tensors of the selective
+    order ``--order`` (what train-speech trains), or any registered training method ``--method`` (a peer
+    such as ``lora``, whose PEFT wrapper is then the model) at the same parameter budget."""
+    from kappatune.methods import MethodContext, get_method
+    from kappatune.multimodal.recipe import prepare_llm
+    from kappatune.policies import parse_size
+    from kappatune.scanner import scan
+    from kappatune.train import TrainConfig
+
+    budget = parse_size(args.budget_params)
+    if not args.method:
+        sel = prepare_llm(llm, args.order, budget, args.seed)
+        return llm, {"selected": None if sel is None else sel.names}
+    cfg = TrainConfig(method=args.method, budget_params=budget, seed=args.seed, progress=False)
+    prep = get_method(args.method).prepare(llm, MethodContext(lambda: scan(llm, distributed=False), tok), cfg)
+    selected = prep.selection.names if prep.selection is not None else None
+    return prep.model, {"selected": selected, "method_info": prep.info,
+                        "trainable_params": prep.summary.trainable_params}
+
+
 def run_arm(rate: float | None, args, base) -> dict:
     """One arm: readings corrupted at ``rate``, or (``rate`` None) the CTC stage's own readings."""
     from kappatune.models import load_model
-    from kappatune.multimodal.recipe import prepare_llm
-    from kappatune.policies import parse_size
 
     if rate is None:
         train_reads, test_reads = base["head_train"], base["head_test"]
     else:
         train_reads, test_reads = readings(base["train"], rate, args.seed), readings(base["test"], rate, args.seed + 1)
     llm, tok = load_model(args.model)
-    sel = prepare_llm(llm, args.order, parse_size(args.budget_params), args.seed)
+    llm, facts = prepare_arm(llm, tok, args)
     char_ids = char_token_ids(tok)
     t0 = time.perf_counter()
     evals, losses = train_and_measure(llm, tok, llm_ids(train_reads, args.reads, tok, char_ids),
                                       llm_ids(test_reads, args.reads, tok, char_ids), test_reads, base, args)
     read = word_error_rates([char_text(char_targets(t)) for t in base["test"]], [char_text(r) for r in test_reads])
     return {"input_cer_rate": rate, "head": args.head, "reads": args.reads, "input_cer_measured": read["cer"],
-            "input_wer_measured": read["wer"], "model": args.model, "order": args.order,
-            "budget_params": args.budget_params, "selected": None if sel is None else sel.names,
+            "input_wer_measured": read["wer"], "model": args.model, "order": None if args.method else args.order,
+            "method": args.method, "budget_params": args.budget_params, **facts,
             "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "batch_size": args.batch_size,
             "seed": args.seed, "train": args.train, "test": args.test, "eval_limit": args.eval_limit,
             "control": args.control, "base_control_ppl": base["base_ppl"], "evals": evals, "train_loss": losses,
@@ -249,7 +268,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="chars: one character embedding per character (the bridge); tokens: the reading "
                          "through the LLM's own tokenizer")
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--order", default="lowest")
+    ap.add_argument("--order", default="lowest", help="which LLM tensors train, as in train-speech")
+    ap.add_argument("--method", default=None,
+                    help="instead of --order, a registered training method (e.g. lora, kappatune-lora) at the "
+                         "same --budget-params: a peer on the oracle")
     ap.add_argument("--budget-params", default="2M")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=5e-4)

@@ -127,6 +127,35 @@ def test_a_short_clean_run_learns_and_a_finished_arm_is_kept(lm_folder, tmp_path
     assert (out / "cer-0.json").stat().st_mtime_ns == before
 
 
+def test_a_peer_method_arm_trains_only_its_adapters_at_the_budget_and_learns(lm_folder, tmp_path):
+    """--method lora: the PEFT wrapper is the trained model, only LoRA factors train, about the budget's
+    parameter count, and the arm's record names the method instead of a tensor order."""
+    import argparse
+
+    from kappatune.models import load_model
+
+    p = _probe()
+    llm, tok = load_model(str(lm_folder))
+    args = argparse.Namespace(method="lora", order="lowest", budget_params="8k", seed=0)
+    model, facts = p.prepare_arm(llm, tok, args)
+    trainable = {n: t.numel() for n, t in model.named_parameters() if t.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert facts["trainable_params"] == sum(trainable.values()) and 4_000 <= facts["trainable_params"] <= 12_000
+    assert facts["selected"] is None and facts["method_info"]["rank"] >= 1
+    words = ["red cat", "blue dog", "green owl", "pink fox", "gray bat", "tan emu"]
+    control = tmp_path / "control.txt"
+    control.write_text("plain words for the control text. " * 200)
+    out = tmp_path / "out"
+    p.main(["--train", _manifest(tmp_path / "train.jsonl", words * 4), "--test", _manifest(tmp_path / "test.jsonl",
+            words[:4]), "--model", str(lm_folder), "--method", "lora", "--budget-params", "8k", "--rates", "0",
+            "--steps", "30", "--lr", "1e-2", "--warmup", "3", "--eval-every", "30", "--eval-limit", "2",
+            "--control", str(control), "--out", str(out)])
+    rec = json.loads((out / "cer-0.json").read_text())
+    assert rec["method"] == "lora" and rec["order"] is None and rec["selected"] is None
+    assert rec["evals"][0]["dppl"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the base model
+    assert rec["evals"][-1]["loss_right"] < rec["evals"][0]["loss_right"]
+
+
 def test_compare_pairs_arms_sentence_by_sentence_on_the_pooled_wer(tmp_path, capsys):
     cmp = load_script("speech_oracle_compare")
     refs = ["the cat sat", "a dog ran far", "it rains"]
