@@ -43,6 +43,15 @@ def wer_contrast(refs: list[str], hyps_a: list[str], hyps_b: list[str]) -> dict:
             "verdict": verdict(iv, "sentences")}
 
 
+def trained(arm: dict) -> str:
+    """What an arm trains, for the table: its tensor count, or a peer method's name and rank."""
+    if arm.get("method") and arm.get("selected") is None:
+        info = arm.get("method_info") or {}
+        return f"{arm['method']} r{info['rank']}" if "rank" in info else arm["method"]
+    n = len(arm["selected"])
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
 def last_eval(path: str) -> tuple[dict, dict]:
     with open(path, encoding="utf-8") as f:
         arm = json.load(f)
@@ -63,11 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
     ref_hyps = last_eval(arms[args.reference])[1].get("hyps")
     rows = []
-    print("| arm | tensors | WER | gap, nats | news dPPL | WER minus the reference [95% CI over sentences] |")
+    print("| arm | trains | WER | gap, nats | news dPPL | WER minus the reference [95% CI over sentences] |")
     print("|---|---|---|---|---|---|")
     for name, path in arms.items():
         arm, ev = last_eval(path)
-        row = {"arm": name, "file": path, "order": arm["order"], "seed": arm["seed"], "lr": arm["lr"],
+        row = {"arm": name, "file": path, "order": arm["order"], "method": arm.get("method"), "seed": arm["seed"],
+               "lr": arm["lr"], "trained": trained(arm),
                "selected": arm["selected"], "step": ev["step"], "clips": ev["clips"], "wer": ev["wer"],
                "gap": ev["gap"], "dppl": ev["dppl"]}
         if name != args.reference and ref_hyps and ev.get("hyps"):
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         c = row.get("vs_reference")
         shown = f"{c['wer_diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]: {c['verdict']}" if c else ""
-        print(f"| {name} | {len(arm['selected'])} | {ev['wer']:.3f} | {ev['gap']:.2f} | {ev['dppl']:+.1f} | {shown} |")
+        print(f"| {name} | {row['trained']} | {ev['wer']:.3f} | {ev['gap']:.2f} | {ev['dppl']:+.1f} | {shown} |")
     if args.out:
         atomic_write_json(args.out, {"reference": args.reference, "test": args.test, "arms": rows})
 

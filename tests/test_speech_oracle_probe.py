@@ -167,20 +167,26 @@ def test_compare_pairs_arms_sentence_by_sentence_on_the_pooled_wer(tmp_path, cap
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps({"text": t}) + "\n" for t in refs))
 
-    def arm(name, hyps, wer):
+    def arm(name, hyps, wer, **facts):
         path = tmp_path / f"{name}.json"
         ev = {"step": 300, "clips": 3, "wer": wer, "gap": 1.0, "dppl": 2.0}
         if hyps is not None:
             ev["hyps"] = hyps
-        path.write_text(json.dumps({"order": name, "seed": 0, "lr": 5e-4, "selected": ["w"], "evals": [ev]}))
+        rec = {"order": name, "seed": 0, "lr": 5e-4, "selected": ["w"], "evals": [ev]}
+        path.write_text(json.dumps(dict(rec, **facts)))
         return f"{name}={path}"
 
     out = tmp_path / "cmp.json"
+    peer = arm("lora", ["the cat sat", "a dog ran", "it rains"], 0.1, order=None, method="lora", selected=None,
+               method_info={"rank": 8})
     cmp.main(["--test", str(test), "--reference", "lowest", "-o", str(out),
-              arm("lowest", refs, 0.0), arm("worse", ["x", "y", "z"], 1.0), arm("old", None, 0.5)])
+              arm("lowest", refs, 0.0), arm("worse", ["x", "y", "z"], 1.0), arm("old", None, 0.5), peer])
     rows = {r["arm"]: r for r in json.loads(out.read_text())["arms"]}
     assert rows["worse"]["vs_reference"]["wer_diff"] == pytest.approx(1.0)  # every word wrong, none extra
     assert "vs_reference" not in rows["old"] and "vs_reference" not in rows["lowest"]
-    assert "| worse |" in capsys.readouterr().out
+    assert rows["lora"]["trained"] == "lora r8" and rows["lowest"]["trained"] == "1 tensor"
+    assert rows["lora"]["vs_reference"]["wer_diff"] == pytest.approx(1 / 3 / 3)  # one word missed of 3 x 3
+    shown = capsys.readouterr().out
+    assert "| worse |" in shown and "| lora | lora r8 |" in shown
     with pytest.raises(SystemExit, match="--reference nope"):
         cmp.main(["--test", str(test), "--reference", "nope", arm("lowest", refs, 0.0)])
