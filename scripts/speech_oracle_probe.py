@@ -162,24 +162,23 @@ def train_and_measure(llm, tok, train_ids, test_ids, test_reads, base, args) -> 
 
 
 def prepare_arm(llm, tok, args) -> tuple[torch.nn.Module, dict]:
-    """The LLM made ready to train and what the arm's record says about it: the tensors of the selective
-    order ``--order`` (what train-speech trains), or any registered training method ``--method`` (a peer
-    such as ``lora``, whose PEFT wrapper is then the model) at the same parameter budget."""
+    """The LLM made ready to train and what the arm's record says about it, through the method registry as
+    ``kappatune train`` does: the selective method of ``--order`` (what train-speech trains), or any
+    registered method ``--method`` (a peer such as ``lora``, whose PEFT wrapper is then the model), at the
+    same parameter budget."""
     from kappatune.methods import MethodContext, get_method
-    from kappatune.multimodal.recipe import prepare_llm
+    from kappatune.methods.selective import method_name
     from kappatune.policies import parse_size
     from kappatune.scanner import scan
     from kappatune.train import TrainConfig
 
-    budget = parse_size(args.budget_params)
-    if not args.method:
-        sel = prepare_llm(llm, args.order, budget, args.seed)
-        return llm, {"selected": None if sel is None else sel.names}
-    cfg = TrainConfig(method=args.method, budget_params=budget, seed=args.seed, progress=False)
-    prep = get_method(args.method).prepare(llm, MethodContext(lambda: scan(llm, distributed=False), tok), cfg)
-    selected = prep.selection.names if prep.selection is not None else None
-    return prep.model, {"selected": selected, "method_info": prep.info,
-                        "trainable_params": prep.summary.trainable_params}
+    name = args.method or method_name(args.order)
+    cfg = TrainConfig(method=name, budget_params=parse_size(args.budget_params), seed=args.seed, progress=False)
+    prep = get_method(name).prepare(llm, MethodContext(lambda: scan(llm, distributed=False), tok), cfg)
+    facts = {"selected": prep.selection.names if prep.selection is not None else None}
+    if args.method:
+        facts.update(method_info=prep.info, trainable_params=prep.summary.trainable_params)
+    return prep.model, facts
 
 
 def run_arm(rate: float | None, args, base) -> dict:
